@@ -1,0 +1,1 @@
+"""imagen_jax.text."""

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the test suite: creates .venv if missing, installs the package with its test extra,
+# and runs pytest on 8 simulated CPU devices. Extra arguments go to pytest:
+#   ./launch/test.sh tests/test_diffusion_samplers.py -k ddim
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# Reinstall only when setup.py changed since the last install.
+stamp=.venv/.imagen_jax_installed
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[test]"
+  touch "$stamp"
+fi
+export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
+export JAX_PLATFORMS=cpu
+export TF_CPP_MIN_LOG_LEVEL=3
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+exec .venv/bin/python -m pytest tests -q -ra --durations=15 "$@"

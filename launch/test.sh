@@ -21,4 +21,4 @@ export TF_CPP_MIN_LOG_LEVEL=3
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-exec .venv/bin/python -m pytest tests -q -ra --durations=15 "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"

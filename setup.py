@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.21,<3",
     "etils[epath]>=1.7,<2",
     "numpy>=1.26,<3",
+    "scipy>=1.11,<2",
 ]
 
 setuptools.setup(

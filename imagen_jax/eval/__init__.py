@@ -1,1 +1,1 @@
-"""imagen_jax.eval."""
+"""imagen_jax.eval: evaluations of samples (ShapesBench; see docs/shapes.md)."""

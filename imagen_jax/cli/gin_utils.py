@@ -18,6 +18,7 @@ stderr and exit status 2, never a bare traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +27,18 @@ import gin
 from etils import epath
 
 from imagen_jax.errors import UserError
+
+class _DropGinIncludeProbes(logging.Filter):
+  """gin tries every include as a Python package path first and logs "Path not found" at
+  ERROR level on the root logger when it is not one, even though it then finds the file in
+  the search paths. Those lines are noise that looks like a failure."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+                and str(record.msg).startswith("Path not found"))
+
+
+logging.getLogger().addFilter(_DropGinIncludeProbes())
 
 # gin_configs/ sits next to the package in a checkout (and in an editable install).
 GIN_CONFIGS_DIR = epath.Path(__file__).parent.parent.parent / "gin_configs"

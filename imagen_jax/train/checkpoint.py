@@ -1,0 +1,276 @@
+"""Checkpoints (orbax), the run's metadata files, and loading a trained model.
+
+MODEL_DIR/
+  checkpoints/<step>/   orbax CheckpointManager: items `params`, `ema_params`, `opt_state`,
+                        `train` ({step, rng}) and `meta` (JSON: step, data position, loss)
+  config.gin            the operative gin config of the run
+  model.gin             the model's part of it (enough to rebuild the model elsewhere)
+  model.json            model kind, sizes, text width, objective, schedule, text encoder
+                        identity, format version (checked when a run resumes)
+
+No pickle: orbax stores arrays with tensorstore and metadata as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from imagen_jax.errors import UserError
+from imagen_jax.train import state as state_lib
+
+FORMAT_VERSION = 1
+# model.json keys that must match for a run to resume in (or fine-tune from) a directory.
+IDENTITY_KEYS = ("model_class", "image_size", "lowres_size", "text_dim", "channels",
+                 "num_params", "param_shapes_sha256")
+
+_ITEMS = ("params", "ema_params", "opt_state", "train", "meta")
+
+
+# ----------------------------------------------------------------------------- model.json
+
+def param_shapes_digest(params) -> str:
+  import hashlib
+  desc = sorted(("/".join(p), tuple(np.shape(x)), str(np.dtype(x.dtype)))
+                for p, x in state_lib.tree_paths(params).items())
+  return hashlib.sha256(repr(desc).encode()).hexdigest()
+
+
+def model_info(model: nnx.Module, params, *, loss_cfg, encoder: dict | None) -> dict:
+  """The model.json record of a model (DESIGN.md §5 attributes plus training settings)."""
+  return {
+      "format_version": FORMAT_VERSION,
+      "model_class": type(model).__name__,
+      "stage": "base" if getattr(model, "lowres_size", None) is None else "sr",
+      "image_size": int(model.image_size),
+      "lowres_size": (None if getattr(model, "lowres_size", None) is None
+                      else int(model.lowres_size)),
+      "text_dim": int(model.text_dim),
+      "channels": int(getattr(model, "channels", 3)),
+      "objective": loss_cfg.objective,
+      "schedule": loss_cfg.schedule,
+      "aug_schedule": loss_cfg.aug_schedule,
+      "lowres_resize": loss_cfg.lowres_resize,
+      "encoder": encoder,
+      "num_params": state_lib.count_params(params),
+      "param_shapes_sha256": param_shapes_digest(params),
+  }
+
+
+def read_model_json(model_dir) -> dict | None:
+  path = epath.Path(model_dir) / "model.json"
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())
+
+
+def check_or_write_model_json(model_dir, info: dict, *, write: bool = True) -> None:
+  """Checks that the model.json already in model_dir describes this model, or (if `write`,
+  i.e. on process 0) writes it. Every process checks, so every process stops on a mismatch."""
+  old = read_model_json(model_dir)
+  path = epath.Path(model_dir) / "model.json"
+  if old is None:
+    if write:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.parent / "model.json.tmp"
+      tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+      tmp.replace(path)
+    return
+  diffs = [f"{k}: {old.get(k)!r} in the directory, {info.get(k)!r} now"
+           for k in IDENTITY_KEYS if old.get(k) != info.get(k)]
+  if diffs:
+    raise UserError(f"MODEL_DIR {os.fspath(model_dir)} holds a checkpoint of another model ("
+                    + "; ".join(diffs) + "); use a new MODEL_DIR, or INIT_FROM to fine-tune "
+                    "from that run")
+  if old.get("encoder") and info.get("encoder") and old["encoder"] != info["encoder"]:
+    raise UserError(f"MODEL_DIR {os.fspath(model_dir)} was trained with text encoder "
+                    f"{old['encoder']}, but the embedding cache now comes from "
+                    f"{info['encoder']}; use the original cache or a new MODEL_DIR")
+
+
+# ----------------------------------------------------------------------------- model.gin
+
+_BLOCK = re.compile(r"^# Parameters for (?P<name>[^:]+):$")
+
+
+def _is_model_configurable(name: str) -> bool:
+  selector = name.split("/")[-1]
+  try:
+    configurable = gin.config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+  except Exception:  # noqa: BLE001  (ambiguous or unknown names are not model settings)
+    return False
+  if configurable is None:
+    return False
+  module = getattr(configurable.wrapped, "__module__", "") or ""
+  return module.startswith("imagen_jax.nn")
+
+
+def model_gin_str(operative: str | None = None) -> str:
+  """The model's part of the operative config: every `imagen_jax.nn` configurable's block,
+  plus the macros those blocks use. Parsed on top of any config, it rebuilds the model."""
+  operative = gin.operative_config_str() if operative is None else operative
+  blocks, current, macros = [], None, {}
+  section = None
+  for line in operative.splitlines():
+    m = _BLOCK.match(line)
+    if m:
+      section = "params"
+      current = [m.group("name"), [line]]
+      blocks.append(current)
+      continue
+    if line.startswith("# Macros:"):
+      section = "macros"
+      continue
+    if section == "macros":
+      mm = re.match(r"^([A-Za-z_][\w.]*)\s*=", line)
+      if mm:
+        macros[mm.group(1)] = line
+      elif line.strip() and not line.startswith("#") and macros:
+        last = list(macros)[-1]
+        macros[last] += "\n" + line
+    elif section == "params" and current is not None:
+      current[1].append(line)
+  kept = ["\n".join(lines).rstrip() for name, lines in blocks if _is_model_configurable(name)]
+  body = "\n\n".join(kept)
+  used = [text for name, text in macros.items() if re.search(r"%" + re.escape(name) + r"\b",
+                                                             body)]
+  header = "# The model's gin config, written by imagen-train.\nimport imagen_jax.nn\n\n"
+  return header + ("\n".join(used) + "\n\n" if used else "") + body + "\n"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class Checkpointer:
+  """An orbax CheckpointManager over MODEL_DIR/checkpoints (async saves, keep the last K).
+
+  All processes call save/restore (orbax coordinates multi-process writes); a checkpoint only
+  appears under its step once complete, so a run killed mid-save leaves the previous one.
+  """
+
+  def __init__(self, model_dir, *, save_every: int = 1000, keep: int | None = 3,
+               async_save: bool = True):
+    self.directory = epath.Path(model_dir) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, int(save_every)), max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, state: state_lib.TrainState, *, meta: dict | None = None,
+           force: bool = False) -> bool:
+    step = int(jax.device_get(state.step))
+    meta = {"step": step, "data_position": step, "format_version": FORMAT_VERSION,
+            **(meta or {})}
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        ema_params=ocp.args.StandardSave(state.ema_params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+        meta=ocp.args.JsonSave(meta))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, target: state_lib.TrainState, step: int | None = None):
+    """Restores onto `target` (ShapeDtypeStructs with the target shardings) -> (state, meta)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {self.directory}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target.params),
+        ema_params=ocp.args.StandardRestore(target.ema_params),
+        opt_state=ocp.args.StandardRestore(target.opt_state),
+        train=ocp.args.StandardRestore({"step": target.step, "rng": target.rng}),
+        meta=ocp.args.JsonRestore()))
+    state = state_lib.TrainState(step=restored.train["step"], params=restored.params,
+                                 opt_state=restored.opt_state,
+                                 ema_params=restored.ema_params, rng=restored.train["rng"])
+    return state, dict(restored.meta)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params(model_dir, target_params, *, step: int | None = None,
+                   use_ema: bool = True):
+  """One parameter tree (EMA or raw) of a run's checkpoint, onto `target_params`
+  (ShapeDtypeStructs with shardings). -> (params, step)."""
+  directory = epath.Path(model_dir) / "checkpoints"
+  if not directory.exists():
+    raise UserError(f"no checkpoints under {os.fspath(model_dir)}; point at a MODEL_DIR "
+                    "written by imagen-train")
+  item = "ema_params" if use_ema else "params"
+  with ocp.CheckpointManager(directory, item_names=_ITEMS,
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no complete checkpoint under {os.fspath(directory)}")
+    if step not in manager.all_steps():
+      raise UserError(f"no checkpoint for step {step} under {os.fspath(directory)}; "
+                      f"available: {sorted(manager.all_steps())}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(target_params)}))
+    return restored[item], step
+
+
+def model_rest_state(create_fn):
+  """The model's non-parameter state (RNG streams) without materialising the parameters
+  (jit drops the unused parameter initialisers)."""
+  with state_lib.no_eager_sharding():
+    return jax.jit(lambda: state_lib.split_model(create_fn())[2])()
+
+
+def load_for_inference(model_dir, step: int | None = None, use_ema: bool = True, *,
+                       mesh=None) -> tuple[nnx.Module, dict]:
+  """A trained model and its description, from a MODEL_DIR written by imagen-train.
+
+  The model is rebuilt from MODEL_DIR/model.gin (parsed on top of the current gin config)
+  and its parameters restored straight onto their target shardings on `mesh` (default: all
+  devices). -> (model, info) with info = model.json plus `step`, `model_gin`, `use_ema`.
+  """
+  from imagen_jax import nn as nn_lib  # noqa: F401  (registers the model configurables)
+  from imagen_jax.parallel import mesh as mesh_lib
+  from imagen_jax.parallel import rules
+
+  model_dir = epath.Path(model_dir)
+  info = read_model_json(model_dir)
+  gin_path = model_dir / "model.gin"
+  if info is None or not gin_path.exists():
+    raise UserError(f"{os.fspath(model_dir)} has no model.json/model.gin; pass a MODEL_DIR "
+                    "written by imagen-train")
+  model_gin = gin_path.read_text()
+  with gin.unlock_config():
+    gin.parse_config(model_gin)
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+
+  def create():
+    return nn_lib.create_model(rngs=nnx.Rngs(params=0, dropout=0))
+
+  with state_lib.no_eager_sharding():
+    abstract = nnx.eval_shape(create)
+  graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+  shardings = state_lib.param_shardings_from_nnx(abstract_params, mesh, rules.state_shardings)
+  target = state_lib.abstract_like(nnx.to_pure_dict(abstract_params), shardings)
+  params, step = restore_params(model_dir, target, step=step, use_ema=use_ema)
+  rest = model_rest_state(create)
+  model = state_lib.merge_model(graphdef, params, rest)
+  info = {**info, "step": int(step), "model_gin": model_gin, "use_ema": use_ema}
+  return model, info
+
+
+

@@ -1,0 +1,122 @@
+"""Training metrics: FLOP counts and utilisation, metric writers, the console line.
+
+MFU (model FLOP utilisation, PaLM appendix B) = model FLOPs per step x steps/s / (peak
+FLOP/s per device x devices). Model FLOPs come from XLA's cost analysis of the step
+lowered WITHOUT rematerialisation; with remat on, the same ratio computed from the step as
+actually run (recomputation included) is the hardware FLOP utilisation (HFU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+def cost_flops(lowered_or_compiled) -> float | None:
+  """Total FLOPs of a lowered (global, before partitioning) or compiled program."""
+  try:
+    cost = lowered_or_compiled.cost_analysis()
+  except Exception as e:  # noqa: BLE001  (some backends have no cost model)
+    log.warning("no XLA cost analysis: %s", e)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+_PEAK_CACHE: dict[str, float] = {}
+
+
+def measured_peak_flops(dtype=jnp.bfloat16, n: int = 1024, repeats: int = 5) -> float:
+  """Peak FLOP/s of one device, measured: the best of `repeats` timed n x n matmuls."""
+  key = f"{jax.devices()[0].device_kind}/{jnp.dtype(dtype).name}/{n}"
+  if key in _PEAK_CACHE:
+    return _PEAK_CACHE[key]
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  _PEAK_CACHE[key] = 2.0 * n**3 / best
+  return _PEAK_CACHE[key]
+
+
+def utilisation(flops_per_step: float | None, steps_per_s: float, peak_per_device: float | None,
+                num_devices: int) -> float | None:
+  if not flops_per_step or not peak_per_device:
+    return None
+  return flops_per_step * steps_per_s / (peak_per_device * num_devices)
+
+
+def create_writer(model_dir, *, process_index: int = 0, tensorboard: bool = True):
+  """clu metric writer: TensorBoard summaries under MODEL_DIR/tb on process 0, log-only
+  elsewhere (or everywhere without `tensorboard`, which spares importing TensorFlow)."""
+  if not tensorboard:
+    return LogWriter()
+  from clu import metric_writers
+  logdir = os.fspath(epath.Path(model_dir) / "tb")
+  return metric_writers.create_default_writer(logdir, just_logging=process_index > 0,
+                                              asynchronous=True)
+
+
+class LogWriter:
+  """The metric-writer interface of clu (write_scalars, write_images, write_hparams, flush,
+  close) writing to the log only; clu's own LoggingWriter imports TensorFlow."""
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    log.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in scalars.items()))
+
+  def write_images(self, step: int, images: dict) -> None:
+    log.info("[%d] images: %s", step, {k: np.shape(v) for k, v in images.items()})
+
+  def write_hparams(self, hparams: dict) -> None:
+    log.info("hparams: %s", hparams)
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def console_line(step: int, total: int, scalars: dict) -> str:
+  parts = [f"step {step}/{total}"]
+  for name, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("learning_rate", "{:.2e}"),
+                    ("steps_per_s", "{:.2f}"), ("examples_per_s", "{:.1f}"), ("mfu", "{:.2%}"),
+                    ("hfu", "{:.2%}"), ("val_loss", "{:.4f}"), ("val_loss_ema", "{:.4f}")):
+    if name in scalars and scalars[name] is not None:
+      parts.append(f"{name} " + fmt.format(scalars[name]))
+  return "  ".join(parts)
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one uint8 [rows*H, cols*W, C] image."""
+  n, h, w, c = images.shape
+  cols = cols or int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+  return grid
+
+
+def to_uint8(x) -> np.ndarray:
+  """float [-1, 1] -> uint8 [0, 255]."""
+  x = np.asarray(x, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

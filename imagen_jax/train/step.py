@@ -1,0 +1,272 @@
+"""The train step: a pure function (state, batch, rng) -> (state, metrics), and the
+validation loss at fixed noise levels.
+
+The loss follows Imagen (Saharia et al. 2022, section 2 and appendix):
+- eps-prediction by default ("v" and "x0" configurable), t ~ U[0, 1] per example, the
+  forward process x_t = alpha x0 + sigma eps (VDM eq. 1) and the simple MSE loss (Ho et al.
+  2020 eq. 14), in float32 (`diffusion.loss_at`);
+- the caption dropped with probability 0.1 (all-zero embedding, all-false mask) so that one
+  model learns the conditional and the unconditional score (Ho & Salimans 2022, CFG);
+- super-resolution stages: noise conditioning augmentation (Imagen section 2.5, Ho et al.
+  2021 "Cascaded Diffusion Models" section 4.1): a random level t_aug ~ U[0, aug_max] per
+  example, the low-resolution image noised by the forward process at log-SNR
+  schedule(t_aug), and that log-SNR given to the model as `lowres_log_snr`.
+
+Randomness: the step key is fold_in(root, step) (passed in as `rng`); every per-example draw
+uses fold_in(step key, the example's index in the GLOBAL batch), so the result does not
+depend on the number of hosts, devices or micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from imagen_jax.diffusion import losses, process, schedules
+from imagen_jax.errors import UserError
+from imagen_jax.train import optim
+from imagen_jax.train.state import TrainState, merge_model
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """How the training loss is computed (gin: `LossConfig.objective = 'v'`, ...)."""
+  objective: str = "eps"           # what the model predicts: eps, v or x0
+  schedule: str = "cosine"         # t -> log-SNR for training noise levels
+  weighting: str = "none"          # "none" or "min_snr"
+  min_snr_gamma: float = 5.0
+  cond_drop_prob: float = 0.1      # caption dropped for classifier-free guidance
+  aug_schedule: str = "cosine"     # t_aug -> log-SNR of the low-res augmentation (SR stages)
+  aug_max: float = 0.5             # t_aug ~ U[0, aug_max]
+  # "none": the low-res image is noised at its own size and the model resizes it (the
+  # EfficientUNet contract); or a jax.image.resize method to upsample before noising.
+  lowres_resize: str = "none"
+  val_aug_t: float = 0.1           # fixed augmentation level of the validation loss
+  val_levels: int = 8              # fixed log-SNR levels of the validation loss
+
+  def validate(self):
+    process.check_objective(self.objective)
+    schedules.get_schedule(self.schedule)
+    schedules.get_schedule(self.aug_schedule)
+    if self.weighting not in losses.WEIGHTINGS:
+      raise UserError(f"LossConfig.weighting={self.weighting!r}; use one of {losses.WEIGHTINGS}")
+    if not 0.0 <= self.cond_drop_prob <= 1.0:
+      raise UserError(f"LossConfig.cond_drop_prob={self.cond_drop_prob} must be in [0, 1]")
+    if not 0.0 <= self.aug_max <= 1.0:
+      raise UserError(f"LossConfig.aug_max={self.aug_max} must be in [0, 1]")
+    return self
+
+
+def to_float_image(x):
+  """uint8 [0, 255] -> float32 [-1, 1] (exactly: 0 -> -1, 255 -> 1)."""
+  return (jnp.asarray(x, jnp.float32) - 127.5) / 127.5
+
+
+def upsample(lowres, size: int, method: str):
+  """[B, s, s, C] -> [B, size, size, C] with `method`, or unchanged for method "none"."""
+  if method == "none" or lowres.shape[1] == size:
+    return lowres
+  b, _, _, c = lowres.shape
+  return jax.image.resize(lowres, (b, size, size, c), method=method)
+
+
+def example_keys(rng, global_index):
+  """One key per example: fold_in(step key, global index in the batch)."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, global_index)
+
+
+def noise_and_conditioning(batch: dict, keys, cfg: LossConfig, *, train: bool = True,
+                           fixed_log_snr=None):
+  """Per-example draws and model conditioning for a (micro-)batch.
+
+  Returns (x0, log_snr [B], noise, cond) where cond holds text_emb, text_mask and, for SR
+  stages, lowres / lowres_log_snr. With `fixed_log_snr` (validation) the noise level is
+  given, no caption is dropped and the augmentation level is cfg.val_aug_t.
+  """
+  x0 = to_float_image(batch["image"])
+  b = x0.shape[0]
+  split = jax.vmap(lambda k: jax.random.split(k, 5))(keys)      # [B, 5] keys
+  k_t, k_noise, k_drop, k_aug, k_aug_noise = (split[:, i] for i in range(5))
+  noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
+  if fixed_log_snr is None:
+    t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(k_t)
+    log_snr = schedules.get_schedule(cfg.schedule)(t)
+  else:
+    log_snr = jnp.broadcast_to(jnp.asarray(fixed_log_snr, jnp.float32), (b,))
+
+  text_emb = jnp.asarray(batch["text_emb"])
+  text_mask = jnp.asarray(batch["text_mask"], bool)
+  if train and cfg.cond_drop_prob > 0:
+    drop = jax.vmap(lambda k: jax.random.uniform(k, ()))(k_drop) < cfg.cond_drop_prob
+    text_emb = jnp.where(drop[:, None, None], jnp.zeros_like(text_emb), text_emb)
+    text_mask = jnp.where(drop[:, None], False, text_mask)
+  cond = {"text_emb": text_emb, "text_mask": text_mask}
+
+  if "lowres" in batch:
+    lowres = upsample(to_float_image(batch["lowres"]), x0.shape[1], cfg.lowres_resize)
+    if train:
+      t_aug = cfg.aug_max * jax.vmap(lambda k: jax.random.uniform(k, ()))(k_aug)
+    else:
+      t_aug = jnp.full((b,), cfg.val_aug_t, jnp.float32)
+    aug_log_snr = schedules.get_schedule(cfg.aug_schedule)(t_aug)
+    aug_noise = jax.vmap(lambda k: jax.random.normal(k, lowres.shape[1:], jnp.float32))(
+        k_aug_noise)
+    cond["lowres"] = process.q_sample(lowres, aug_log_snr, aug_noise)
+    cond["lowres_log_snr"] = aug_log_snr
+  return x0, log_snr, noise, cond
+
+
+def model_fn(model, train: bool, dropout_rng=None):
+  """model_fn(x_t, log_snr, **cond) of the diffusion API for an NNX model.
+
+  The U-Nets hold no RNG state: dropout masks come from `dropout_rng` (a function of the
+  step key), so a step is a pure function of (state, batch, rng).
+  """
+  def fn(x_t, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None):
+    return model(x_t, log_snr, text_emb, text_mask, lowres=lowres,
+                 lowres_log_snr=lowres_log_snr, train=train, dropout_rng=dropout_rng)
+  return fn
+
+
+def disable_remat(model) -> None:
+  """Turns off rematerialisation in every submodule with a `remat` flag (for counting the
+  model FLOPs of a step without recomputation)."""
+  for _, module in nnx.iter_modules(model):
+    if getattr(module, "remat", False):
+      module.remat = False
+
+
+def per_example_loss(graphdef, rest, params, batch, keys, dropout_key, cfg: LossConfig, *,
+                     no_remat: bool = False):
+  model = merge_model(graphdef, params, rest)
+  if no_remat:
+    disable_remat(model)
+  x0, log_snr, noise, cond = noise_and_conditioning(batch, keys, cfg)
+  fn = model_fn(model, train=True, dropout_rng=dropout_key)
+  return losses.loss_at(fn, x0, log_snr, noise,
+                        objective=cfg.objective, weighting=cfg.weighting,
+                        min_snr_gamma=cfg.min_snr_gamma, **cond)
+
+
+def _batch_size(batch) -> int:
+  return jax.tree.leaves(batch)[0].shape[0]
+
+
+def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
+                    loss_cfg: LossConfig, lr_fn: Callable | float,
+                    ema_decay_fn: Callable = optim.ema_decay, micro_batches: int = 1,
+                    batch_sharding: Callable[[int], NamedSharding] | None = None,
+                    no_remat: bool = False):
+  """Returns train_step(state, batch, rng) -> (state, metrics); jit it (see loop.py).
+
+  micro_batches > 1 accumulates gradients over a lax.scan: micro-batch m holds the examples
+  whose global index i has i % micro_batches == m, so each device keeps its own rows (no
+  communication), and the optimizer makes one exact update per step on the whole batch.
+  `batch_sharding(ndim)` constrains each micro-batch to the batch sharding.
+  Dropout masks (models with dropout) use fold_in(step key, micro-batch), so unlike the
+  per-example draws they change with micro_batches.
+  `no_remat` builds the step without rematerialisation (to count model FLOPs for MFU).
+  """
+  loss_cfg.validate()
+
+  def grads_of(params, batch, keys, dropout_key):
+    def total(p):
+      return jnp.sum(per_example_loss(graphdef, rest, p, batch, keys, dropout_key, loss_cfg,
+                                      no_remat=no_remat))
+    return jax.value_and_grad(total)(params)
+
+  def train_step(state: TrainState, batch: dict, rng) -> tuple[TrainState, dict]:
+    b = _batch_size(batch)
+    if b % micro_batches:
+      raise UserError(f"batch size {b} is not divisible by micro_batches={micro_batches}")
+    example_rng, dropout_rng = jax.random.split(rng)
+    keys = example_keys(example_rng, jnp.arange(b, dtype=jnp.int32))
+    if micro_batches == 1:
+      loss_sum, grads = grads_of(state.params, batch, keys, dropout_rng)
+    else:
+      def to_micro(x):
+        x = x.reshape(b // micro_batches, micro_batches, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+      def body(carry, inputs):
+        g_acc, l_acc = carry
+        mb, mb_keys, m = inputs
+        if batch_sharding is not None:
+          mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+              x, batch_sharding(x.ndim)), mb)
+        l, g = grads_of(state.params, mb, mb_keys, jax.random.fold_in(dropout_rng, m))
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss_sum), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32)),
+          (jax.tree.map(to_micro, batch), to_micro(keys),
+           jnp.arange(micro_batches, dtype=jnp.int32)))
+    grads = jax.tree.map(lambda g: g / b, grads)
+    loss = loss_sum / b
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_fn(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=optim.ema_update(state.ema_params, params, decay))
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "learning_rate": optim.learning_rate_at(lr_fn, state.step),
+               "ema_decay": decay, "param_norm": optax.global_norm(params)}
+    return new_state, metrics
+
+  return train_step
+
+
+def validation_levels(cfg: LossConfig):
+  """Fixed log-SNRs at t = (i + 1/2) / K, i = 0..K-1 (interior of [0, 1], so all finite)."""
+  t = (jnp.arange(cfg.val_levels, dtype=jnp.float32) + 0.5) / cfg.val_levels
+  return schedules.get_schedule(cfg.schedule)(t)
+
+
+VALIDATION_SEED = 1234  # fixed noise for validation: comparable across runs
+
+
+def make_eval_step(graphdef, rest, loss_cfg: LossConfig):
+  """Returns eval_step(params, batch) -> per-level loss sums [K] and the example count.
+
+  The noise of example i at level k is drawn from fold_in(fold_in(VALIDATION_SEED, i), k)
+  where i is the example's index in the validation stream (`batch['index']`), so the
+  validation loss only depends on the parameters, whatever the batch layout.
+  """
+  levels = validation_levels(loss_cfg)
+
+  def eval_step(params, batch):
+    model = merge_model(graphdef, params, rest)
+    fn = model_fn(model, train=False)
+    base = jax.random.PRNGKey(VALIDATION_SEED)
+    index = jnp.asarray(batch["index"]).astype(jnp.uint32)
+    valid = jnp.asarray(batch.get("valid", jnp.ones(index.shape, bool)), jnp.float32)
+
+    def at_level(k):
+      keys = example_keys(jax.random.fold_in(base, k), index)
+      x0, log_snr, noise, cond = noise_and_conditioning(batch, keys, loss_cfg, train=False,
+                                                        fixed_log_snr=levels[k])
+      per_ex = losses.loss_at(fn, x0, log_snr, noise, objective=loss_cfg.objective,
+                              weighting=loss_cfg.weighting,
+                              min_snr_gamma=loss_cfg.min_snr_gamma, **cond)
+      return jnp.sum(per_ex * valid)
+
+    sums = jax.lax.map(at_level, jnp.arange(loss_cfg.val_levels))
+    return sums, jnp.sum(valid)
+
+  return eval_step
+
+
+def step_key(root_rng, step):
+  """The key of train step `step`: fold_in(root, step)."""
+  return jax.random.fold_in(root_rng, step)
+

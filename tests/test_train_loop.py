@@ -1,0 +1,156 @@
+"""The training loop: exact resumption (after SIGTERM and after SIGKILL), the NaN guard,
+checkpoint contents. All runs share one tiny program (persistent compilation cache)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import test_train_lib as lib
+from imagen_jax.train import checkpoint as ckpt_lib
+from imagen_jax.train import loop
+
+STEPS, BATCH = 6, 16
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _train(model_dir, pipeline=None, **kw):
+  kw = {"train_steps": STEPS, "checkpoint_every": 2, "log_every": 1, "progress": False,
+        "val_every": STEPS, "val_pipeline": lib.FakePipeline(BATCH), **kw}
+  return loop.train(model_dir=str(model_dir), dataset=None, batch_size=BATCH,
+                    create_model_fn=lib.tiny_create(), pipeline=pipeline or
+                    lib.FakePipeline(BATCH), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """STEPS steps in one uninterrupted run."""
+  model_dir = tmp_path_factory.mktemp("reference")
+  out = _train(model_dir, sample_every=STEPS, sample_steps=3, num_samples=4)
+  assert out["status"] == "done" and out["step"] == STEPS
+  return model_dir, jax.device_get(out["state"]), out["metrics"]
+
+
+def _raise_sigterm_at(step):
+  def hook(s):
+    if s == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+  return hook
+
+
+def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, reference):
+  _, ref, ref_metrics = reference
+  before = signal.getsignal(signal.SIGTERM)
+  # SIGTERM arrives while the batch of step index 2 is loaded: the loop finishes that step,
+  # saves step 3 (not a multiple of checkpoint_every) and returns.
+  out = _train(tmp_path, lib.FakePipeline(BATCH, on_step=_raise_sigterm_at(2)))
+  assert out["status"] == "preempted" and out["step"] == 3
+  assert signal.getsignal(signal.SIGTERM) == before      # handler restored
+  checkpointer = ckpt_lib.Checkpointer(tmp_path)
+  assert checkpointer.all_steps() == [2, 3]
+  checkpointer.close()
+  resumed = _train(tmp_path)
+  assert resumed["status"] == "done" and resumed["step"] == STEPS
+  state = jax.device_get(resumed["state"])
+  assert lib.params_equal(state.params, ref.params)
+  assert lib.params_equal(state.ema_params, ref.ema_params)
+  assert lib.params_equal(state.opt_state, ref.opt_state)
+  assert int(state.step) == STEPS and np.array_equal(state.rng, ref.rng)
+  # The first resumed step really was step 4 (the history starts there).
+  assert resumed["history"][0]["step"] == 4
+  # Validation at fixed noise levels: equal parameters give an equal validation loss.
+  assert np.isfinite(ref_metrics["val_loss"]) and np.isfinite(ref_metrics["val_loss_ema"])
+  assert resumed["metrics"]["val_loss"] == ref_metrics["val_loss"]
+  assert resumed["metrics"]["val_loss_ema"] == ref_metrics["val_loss_ema"]
+  assert ref_metrics["val_loss"] != ref_metrics["val_loss_ema"]
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
+  # The batch of step index 4 (the 5th step) carries NaN embeddings.
+  with pytest.raises(loop.TrainingDiverged, match=r"at step 5.*last good checkpoint "
+                     r"\(step 4\)"):
+    _train(tmp_path, lib.FakePipeline(BATCH, nan_at_step=4), tensorboard=False)
+  checkpointer = ckpt_lib.Checkpointer(tmp_path)
+  assert checkpointer.all_steps() == [2, 4]
+  meta = json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())
+  assert meta["step"] == 4 and np.isfinite(meta["loss"])
+  checkpointer.close()
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import test_train_lib as lib
+    from imagen_jax.train import loop
+    loop.train(model_dir={model_dir!r}, train_steps={steps}, dataset=None, batch_size={batch},
+               checkpoint_every=2, log_every=1, progress=False, tensorboard=False,
+               create_model_fn=lib.tiny_create(),
+               pipeline=lib.FakePipeline({batch}, delay=1.0))
+    print("FINISHED")
+""")
+
+
+def test_sigkill_then_restart_is_bit_exact(tmp_path, reference):
+  _, ref, _ = reference
+  script = tmp_path / "run.py"
+  model_dir = tmp_path / "run"
+  script.write_text(_KILL_SCRIPT.format(tests=TESTS_DIR, model_dir=str(model_dir),
+                                        steps=STEPS, batch=BATCH))
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=os.environ.copy())
+  first = model_dir / "checkpoints" / "2"
+  deadline = time.time() + 240
+  try:
+    while not (first / "commit_success.txt").exists():
+      if proc.poll() is not None:
+        pytest.fail("training subprocess ended early:\n" + proc.stdout.read().decode()[-3000:])
+      if time.time() > deadline:
+        pytest.fail("no checkpoint within 240 s")
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate(timeout=60)[0].decode()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert "FINISHED" not in out and proc.returncode == -signal.SIGKILL
+  checkpointer = ckpt_lib.Checkpointer(model_dir)
+  killed_at = checkpointer.latest_step()
+  checkpointer.close()
+  assert killed_at is not None and 2 <= killed_at < STEPS
+  resumed = _train(model_dir)
+  assert resumed["history"][0]["step"] == killed_at + 1
+  state = jax.device_get(resumed["state"])
+  assert lib.params_equal(state.params, ref.params)
+  assert lib.params_equal(state.ema_params, ref.ema_params)
+
+
+def test_run_directory_files(reference):
+  model_dir, ref, _ = reference
+  info = json.loads((model_dir / "model.json").read_text())
+  assert info["model_class"] == "TinyNet" and info["text_dim"] == 8
+  assert info["image_size"] == 8 and info["lowres_size"] is None
+  assert info["objective"] == "eps" and info["format_version"] == ckpt_lib.FORMAT_VERSION
+  assert (model_dir / "config.gin").exists() and (model_dir / "model.gin").exists()
+  assert any((model_dir / "tb").iterdir())
+  # The EMA sample grid: a row of 4 samples over a row of their training images, 8 px
+  # images enlarged 8x.
+  from PIL import Image
+  grid = np.asarray(Image.open(model_dir / "samples" / f"step_{STEPS:08d}.png"))
+  assert grid.shape == (2 * 8 * 8, 4 * 8 * 8, 3)
+  truth = lib.FakePipeline(BATCH).host_batch(0)["image"][:4]
+  np.testing.assert_array_equal(grid[64::8, ::8][:8].reshape(8, 4, 8, 3).transpose(1, 0, 2, 3),
+                                truth)
+  # keep_checkpoints=3 by default: of 2, 4, 6 all remain; the last holds the final state.
+  checkpointer = ckpt_lib.Checkpointer(model_dir)
+  assert checkpointer.all_steps() == [2, 4, 6]
+  checkpointer.close()
+  target = ckpt_lib.state_lib.abstract_like(ref.ema_params)
+  ema, step = ckpt_lib.restore_params(model_dir, target, use_ema=True)
+  assert step == STEPS and lib.params_equal(ema, ref.ema_params)

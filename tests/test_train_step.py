@@ -1,0 +1,169 @@
+"""The pure train step: sharding invariance, exact gradient accumulation, Imagen's
+conditioning (caption dropout, noise conditioning augmentation), per-example keys."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import test_train_lib as lib
+from imagen_jax.diffusion import schedules
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel import rules
+from imagen_jax.train import optim
+from imagen_jax.train import state as state_lib
+from imagen_jax.train import step as step_lib
+
+BATCH = 16
+
+
+def _build(mesh, micro_batches=1):
+  """A jitted tiny train step on `mesh`, as loop.train builds it."""
+  def create():
+    return lib.TinyNet(rngs=nnx.Rngs(params=0, dropout=1), lowres_size=4)
+
+  with state_lib.no_eager_sharding():
+    model = create()
+    abstract = nnx.eval_shape(create)
+  graphdef, params, rest = state_lib.split_model(model)
+  tx, lr = optim.make_optimizer("adam", learning_rate=1e-2)
+  psh = state_lib.param_shardings_from_nnx(nnx.state(abstract, nnx.Param), mesh,
+                                           rules.state_shardings)
+  state = state_lib.init_train_state(params, tx, seed=3)
+  ssh = state_lib.train_state_shardings(jax.eval_shape(lambda: state), psh, mesh)
+  state = jax.device_put(state, ssh)
+  shard = lambda ndim: mesh_lib.batch_sharding(mesh, ndim)
+  fn = step_lib.make_train_step(graphdef, rest, tx, loss_cfg=step_lib.LossConfig(), lr_fn=lr,
+                                micro_batches=micro_batches, batch_sharding=shard)
+  host = lib.FakePipeline(BATCH, lowres_size=4).host_batch(5)
+  bsh = {k: shard(np.ndim(v)) for k, v in host.items() if k != "index"}
+  batch = {k: jax.device_put(v, bsh[k]) for k, v in host.items() if k != "index"}
+  jitted = jax.jit(lambda s, b: fn(s, b, step_lib.step_key(s.rng, s.step)),
+                   in_shardings=(ssh, bsh), out_shardings=(ssh, NamedSharding(mesh, P())))
+  with jax.set_mesh(mesh):
+    new_state, metrics = jitted(state, batch)
+  return new_state, jax.device_get(metrics), psh
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(devices):
+  return _build(mesh_lib.make_mesh("data:2,fsdp:4", devices=devices[:8]))
+
+
+def test_one_device_and_eight_devices_agree(devices, eight_device_run):
+  state8, m8, psh = eight_device_run
+  # The 8-device run really shards parameters over fsdp.
+  assert any(s.spec != P() for s in jax.tree.leaves(psh))
+  state1, m1, _ = _build(mesh_lib.make_mesh("data:1", devices=devices[:1]))
+  assert np.isfinite(m8["loss"])
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert int(state8.step) == int(state1.step) == 1
+
+
+def test_gradient_accumulation_is_exact(devices, eight_device_run):
+  state8, m8, _ = eight_device_run
+  state_acc, m_acc, _ = _build(mesh_lib.make_mesh("data:2,fsdp:4", devices=devices[:8]),
+                               micro_batches=2)
+  np.testing.assert_allclose(m_acc["loss"], m8["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m_acc["grad_norm"], m8["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(state_acc.params), jax.tree.leaves(state8.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  # One optimizer update and one EMA update per step, whatever the micro-batching.
+  assert int(state_acc.step) == 1
+  assert int(state_acc.opt_state[1][0].count) == 1
+
+
+def _cond_batch(n, lowres=False):
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (n, 8, 8, 3)).astype(np.uint8),
+           "text_emb": np.ones((n, 4, 8), np.float32), "text_mask": np.ones((n, 4), bool)}
+  if lowres:
+    batch["lowres"] = rng.integers(0, 256, (n, 4, 4, 3)).astype(np.uint8)
+  return batch
+
+
+@pytest.fixture(scope="module")
+def cond_fn():
+  """noise_and_conditioning under jit (one compile for the conditioning tests)."""
+  cfg = step_lib.LossConfig(cond_drop_prob=0.1, aug_max=0.5)
+  fn = jax.jit(lambda b, k: step_lib.noise_and_conditioning(b, k, cfg))
+  return cfg, fn
+
+
+def test_caption_dropout_zeroes_embedding_and_mask(cond_fn):
+  cfg, fn = cond_fn
+  n = 4000
+  keys = step_lib.example_keys(jax.random.PRNGKey(0), jnp.arange(n))
+  x0, log_snr, noise, cond = jax.device_get(fn(_cond_batch(n, lowres=True), keys))
+  dropped = ~cond["text_mask"].any(1)
+  assert abs(dropped.mean() - 0.1) < 0.015           # p = 0.1, 4000 draws: sd 0.005
+  assert not cond["text_emb"][dropped].any()
+  assert cond["text_mask"][~dropped].all() and (cond["text_emb"][~dropped] == 1).all()
+  # t ~ U[0, 1]: the log-SNRs are the schedule's at uniform times (check the median).
+  np.testing.assert_allclose(np.median(log_snr), schedules.cosine_log_snr(0.5), atol=0.1)
+  assert x0.min() >= -1 and x0.max() <= 1 and abs(noise.std() - 1) < 0.01
+
+
+def test_noise_conditioning_augmentation(cond_fn):
+  cfg, fn = cond_fn
+  n = 4000
+  batch = _cond_batch(n, lowres=True)
+  keys = step_lib.example_keys(jax.random.PRNGKey(1), jnp.arange(n))
+  _, _, _, cond = jax.device_get(fn(batch, keys))
+  aug = cond["lowres_log_snr"]
+  lo, hi = float(schedules.cosine_log_snr(cfg.aug_max)), float(schedules.cosine_log_snr(0.0))
+  assert aug.shape == (n,) and aug.min() >= lo - 1e-4 and aug.max() <= hi + 1e-4
+  # The augmentation level varies per example, uniformly in t_aug: median at t = aug_max/2.
+  np.testing.assert_allclose(np.median(aug), schedules.cosine_log_snr(cfg.aug_max / 2),
+                             atol=0.15)
+  # The low-res image went through the forward process at that level: the implied noise
+  # (lowres_t - alpha x) / sigma is standard normal and independent of the image.
+  clean = batch["lowres"].astype(np.float32) / 127.5 - 1
+  alpha, sigma = (np.asarray(v)[:, None, None, None] for v in schedules.alpha_sigma(aug))
+  eps = (cond["lowres"] - alpha * clean) / sigma
+  assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01
+  assert abs(np.corrcoef(eps.ravel(), clean.ravel())[0, 1]) < 0.01
+
+
+def test_per_example_draws_depend_only_on_the_global_index(cond_fn):
+  """Examples 2000..3999 drawn as rows 2000.. of one batch or rows 0.. of another (as on
+  another host) get the same noise, levels, dropout and augmentation."""
+  _, fn = cond_fn
+  n, shift = 4000, 2000
+  batch = _cond_batch(n, lowres=True)
+  root = jax.random.PRNGKey(7)
+  whole = jax.device_get(fn(batch, step_lib.example_keys(root, jnp.arange(n))))
+  moved = {k: np.roll(v, -shift, axis=0) for k, v in batch.items()}
+  part = jax.device_get(fn(moved, step_lib.example_keys(root, jnp.arange(shift, shift + n))))
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part)):
+    np.testing.assert_array_equal(a[shift:], b[:n - shift])
+
+
+def test_validation_levels_are_fixed_and_finite():
+  cfg = step_lib.LossConfig(val_levels=4)
+  levels = np.asarray(step_lib.validation_levels(cfg))
+  np.testing.assert_allclose(levels, schedules.cosine_log_snr(jnp.array([.125, .375, .625,
+                                                                         .875])))
+  assert np.all(np.isfinite(levels)) and np.all(np.diff(levels) < 0)
+
+
+def test_dropout_masks_come_from_the_step_key():
+  """With dropout on, the loss is a pure function of (params, batch, key): the same key
+  gives the same loss, another key other masks (the models hold no RNG state)."""
+  with state_lib.no_eager_sharding():
+    model = lib.TinyNet(rngs=nnx.Rngs(0), lowres_size=4, dropout=0.5)
+  graphdef, params, rest = state_lib.split_model(model)
+  batch = lib.FakePipeline(BATCH, lowres_size=4).host_batch(0)
+  batch = {k: v for k, v in batch.items() if k != "index"}
+  keys = step_lib.example_keys(jax.random.PRNGKey(0), jnp.arange(BATCH))
+  cfg = step_lib.LossConfig(cond_drop_prob=0.0)
+  loss = jax.jit(lambda p, k: step_lib.per_example_loss(graphdef, rest, p, batch, keys, k,
+                                                        cfg).mean())
+  a = loss(params, jax.random.PRNGKey(1))
+  assert float(a) == float(loss(params, jax.random.PRNGKey(1)))
+  assert float(a) != float(loss(params, jax.random.PRNGKey(2)))

@@ -1,0 +1,805 @@
+"""The sampling cascade: prompts -> base stage -> super-resolution stages -> images.
+
+A cascade is a list of stages (Imagen, Saharia et al. 2022, section 2.4: a 64x64 base model
+and super-resolution models to 256 and 1024). Each `Stage` names its checkpoint and its
+sampler settings; `load_cascade` loads them into a `Cascade`, which a notebook calls:
+
+  cascade = Cascade.from_config("runs/sample.gin")            # or load_cascade([Stage(...)])
+  images = cascade(["a red circle"], num_samples=4, seed=0)   # list: one array per stage
+  images[-1].shape                                            # [1, 4, H, W, 3] uint8
+
+How it runs (issue 6):
+- Every image has its own integer seed, `image_seed(seed, prompt_index, sample)`: the
+  prompt index and sample index folded into the root seed. Stage k draws everything for
+  that image (initial noise, the augmentation noise of its low-resolution input, the
+  sampler's noise) from fold_in(key(image_seed), k), passed per example to
+  `diffusion.sample`. So an image depends on its seed and prompt only: a rerun, another batch
+  size, padding or another number of processes gives identical images, and
+  `cascade.reproduce(prompt, seed)` regenerates any row of index.jsonl.
+- Each stage's whole sampling loop (guidance, thresholding, the sampler's fori_loop, the
+  conversion to uint8) is one jitted program for one batch shape; the last batch is padded
+  (with copies of its last item, whose outputs are dropped), so there is no recompilation
+  between batches. Batches are sharded over the ('data', 'fsdp') axes of a mesh over this
+  process's devices, and the batch size is rounded up to a multiple of their number.
+- Classifier-free guidance makes one batched model call per step for the conditional and
+  unconditional halves (`diffusion.classifier_free_guidance`).
+- Super-resolution stages get the previous stage's uint8 output exactly as training got its
+  low-resolution images: to [-1, 1], upsampled to the output size with the checkpoint's
+  `lowres_resize`, noised by the forward process at log-SNR aug_schedule(t_aug)
+  (noise conditioning augmentation, Imagen section 2.5), with that log-SNR passed as
+  `lowres_log_snr`.
+- Stages run one after the other over all images. What a stage produces goes to a sink:
+  memory for the notebook call, or an output directory (`sample_to_dir`) where existing
+  images are skipped, so a killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from imagen_jax import diffusion
+from imagen_jax.errors import UserError
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.sample import output
+# Imported here, not lazily: they register gin configurables, which gin refuses once a
+# CLI has parsed (and locked) its config.
+from imagen_jax.train import checkpoint
+from imagen_jax.train import step as step_lib
+
+SAMPLERS = diffusion.METHODS  # ("ddpm", "ddim", "dpmpp_2m")
+THRESHOLDINGS = ("dynamic", "static", "none")
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration.
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of the cascade: a checkpoint and how to sample from it.
+
+  Defaults follow Imagen where the paper gives them:
+  - thresholding: dynamic, percentile 99.5 (section 2.3 and appendix; Saharia et al. found
+    it best with large guidance weights). Configs for the shapes data override it with
+    `static`: there, white backgrounds sit at the clipping edge, and dynamic thresholding's
+    rescaling greys them out (measured: static thresholding was better by a wide margin);
+  - guidance_scale: Imagen sweeps guidance weights 1-10 for the base model (figure 4) and
+    uses large weights with dynamic thresholding; 5.0 is a middle value of that sweep
+    (1.0 = no guidance, 0.0 = unconditional);
+  - aug_level: the forward-process time t_aug of the low-resolution input's noise at sampling
+    (section 2.5; Imagen reports 0.1-0.3 working well). 0.2 here; ignored by a base stage.
+
+  Attributes:
+    model_dir: a MODEL_DIR written by imagen-train (local or gs://).
+    step: checkpoint step to load; None = the latest.
+    use_ema: load the EMA parameters (the default, as Imagen samples from EMA weights).
+    sampler: "ddpm" (ancestral), "ddim" or "dpmpp_2m" (DPM-Solver++(2M)).
+    num_steps: number of model evaluations (the grid is schedule(1 - i/num_steps) with its
+      last point replaced by +inf, so the last step returns the denoised prediction).
+    guidance_scale: classifier-free guidance weight (Imagen's w; 1 = no guidance).
+    thresholding: "dynamic", "static" (clip x0 to [-1, 1]) or "none".
+    percentile: dynamic thresholding percentile, in percent.
+    aug_level: t_aug in [0, 1] for super-resolution stages.
+    eta: DDIM stochasticity (0 = deterministic DDIM, 1 = ancestral); only for "ddim".
+    batch_size: images per batch for this stage; None = the cascade's batch size.
+  """
+  model_dir: str = ""
+  step: int | None = None
+  use_ema: bool = True
+  sampler: str = "ddpm"
+  num_steps: int = 256
+  guidance_scale: float = 5.0
+  thresholding: str = "dynamic"
+  percentile: float = 99.5
+  aug_level: float = 0.2
+  eta: float = 0.0
+  batch_size: int | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.model_dir, (str, os.PathLike)) or not os.fspath(self.model_dir):
+      raise UserError(f"Stage.model_dir={self.model_dir!r}: give the stage's MODEL_DIR "
+                      "(written by imagen-train)")
+    if self.sampler not in SAMPLERS:
+      raise UserError(f"Stage.sampler={self.sampler!r}; use one of {list(SAMPLERS)}")
+    if not isinstance(self.num_steps, int) or self.num_steps < 1:
+      raise UserError(f"Stage.num_steps={self.num_steps!r} must be a positive integer")
+    if self.guidance_scale < 0:
+      raise UserError(f"Stage.guidance_scale={self.guidance_scale} must be >= 0 (1 = no "
+                      "guidance)")
+    if self.thresholding not in THRESHOLDINGS:
+      raise UserError(f"Stage.thresholding={self.thresholding!r}; use one of "
+                      f"{list(THRESHOLDINGS)}")
+    if not 0.0 < self.percentile <= 100.0:
+      raise UserError(f"Stage.percentile={self.percentile} must be in (0, 100] (percent; "
+                      "Imagen uses 99.5)")
+    if not 0.0 <= self.aug_level <= 1.0:
+      raise UserError(f"Stage.aug_level={self.aug_level} must be a time in [0, 1] "
+                      "(Imagen uses 0.1-0.3)")
+    if self.eta < 0 or (self.eta and self.sampler != "ddim"):
+      raise UserError(f"Stage.eta={self.eta} applies only to sampler='ddim' and must be >= 0")
+    if self.step is not None and (not isinstance(self.step, int) or self.step < 0):
+      raise UserError(f"Stage.step={self.step!r} must be a checkpoint step or None (latest)")
+    if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                        or self.batch_size < 1):
+      raise UserError(f"Stage.batch_size={self.batch_size!r} must be a positive integer")
+
+  def settings(self, is_sr: bool) -> dict:
+    """The sampler settings recorded in index.jsonl."""
+    out = {"method": self.sampler, "num_steps": self.num_steps,
+           "guidance_scale": float(self.guidance_scale), "thresholding": self.thresholding}
+    if self.thresholding == "dynamic":
+      out["percentile"] = float(self.percentile)
+    if self.sampler == "ddim":
+      out["eta"] = float(self.eta)
+    if is_sr:
+      out["aug_level"] = float(self.aug_level)
+    return out
+
+
+@dataclasses.dataclass
+class LoadedStage:
+  """A stage with its model and checkpoint description (`load_for_inference`'s info:
+  image_size, lowres_size, text_dim, objective, schedule, aug_schedule, lowres_resize,
+  encoder identity, step, ...)."""
+  config: Stage
+  model: nnx.Module
+  info: dict
+
+  @property
+  def image_size(self) -> int:
+    return int(self.info["image_size"])
+
+  @property
+  def lowres_size(self) -> int | None:
+    size = self.info.get("lowres_size")
+    return None if size is None else int(size)
+
+  @property
+  def is_sr(self) -> bool:
+    return self.lowres_size is not None
+
+  @property
+  def name(self) -> str:
+    return os.fspath(self.config.model_dir)
+
+  def settings(self) -> dict:
+    out = self.config.settings(self.is_sr)
+    out.update(model_dir=self.name, use_ema=self.config.use_ema,
+               objective=self.info.get("objective", "eps"),
+               schedule=self.info.get("schedule", "cosine"))
+    if self.info.get("step") is not None:
+      out["step"] = int(self.info["step"])
+    if self.is_sr:
+      out["aug_schedule"] = self.info.get("aug_schedule", out["schedule"])
+    return out
+
+
+def load_stage(config: Stage, *, mesh=None) -> LoadedStage:
+  """Loads a stage's model from its MODEL_DIR (EMA parameters unless use_ema=False)."""
+  model_dir = epath.Path(config.model_dir)
+  if not model_dir.exists():
+    raise UserError(f"checkpoint directory {os.fspath(model_dir)!r} does not exist; set the "
+                    "stage's model_dir to a MODEL_DIR written by imagen-train")
+  try:
+    model, info = checkpoint.load_for_inference(model_dir, step=config.step,
+                                                use_ema=config.use_ema, mesh=mesh)
+  except FileNotFoundError as e:
+    raise UserError(f"no checkpoint in {os.fspath(model_dir)!r} ({e}); point the stage at "
+                    "a MODEL_DIR written by imagen-train") from e
+  return LoadedStage(config, model, dict(info))
+
+
+# ---------------------------------------------------------------------------------------
+# Seeds and work items.
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+  """One image of the cascade: prompt `prompt_index`, sample `sample`, its integer seed."""
+  prompt_index: int
+  sample: int
+  seed: int
+
+
+@jax.jit
+def _image_seeds(root_seed, prompt_index, sample):
+  def one(p, s):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(root_seed), p), s)
+    return jax.random.bits(key, dtype=jnp.uint32)
+  return jax.vmap(one)(prompt_index, sample)
+
+
+def image_seeds(root_seed: int, prompt_index: Sequence[int], sample: Sequence[int]) -> list[int]:
+  """The integer seed of each image: 32 random bits of
+  fold_in(fold_in(key(root_seed), prompt_index), sample). Stage k of that image uses
+  fold_in(key(image seed), k)."""
+  if not 0 <= int(root_seed) < 2**32:
+    raise UserError(f"seed={root_seed} must be in [0, 2**32)")
+  p = np.asarray(prompt_index, np.int32)
+  s = np.asarray(sample, np.int32)
+  if p.size == 0:
+    return []
+  return [int(x) for x in np.asarray(_image_seeds(np.uint32(root_seed), p, s))]
+
+
+def work_items(num_prompts: int, num_samples: int, seed: int) -> list[WorkItem]:
+  """All images, prompt-major: (0, 0), (0, 1), ..., (1, 0), ..."""
+  pairs = [(p, s) for p in range(num_prompts) for s in range(num_samples)]
+  seeds = image_seeds(seed, [p for p, _ in pairs], [s for _, s in pairs])
+  return [WorkItem(p, s, x) for (p, s), x in zip(pairs, seeds)]
+
+
+def process_share(items: Sequence[WorkItem], process_index: int,
+                  process_count: int) -> list[WorkItem]:
+  """This process's items when several processes share the work (issue 7): every
+  process_count-th item, so each process gets a near-equal share of every prompt range."""
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index={process_index} must be in [0, {process_count})")
+  return list(items[process_index::process_count])
+
+
+# ---------------------------------------------------------------------------------------
+# Text.
+
+
+class PromptEncoder:
+  """Prompts -> (text_emb float32 [N, L, D], text_mask bool [N, L]).
+
+  Prompts in the embedding cache are read from it; the others go through the T5 encoder.
+  Encoder outputs are rounded to bfloat16, the precision of the cache that training read
+  (DESIGN.md section 3), so a prompt gives the same embedding from either source.
+  """
+
+  def __init__(self, encoder=None, cache=None):
+    if encoder is None and cache is None:
+      raise UserError("no text encoder and no embedding cache: configure "
+                      "load_cascade.text_encoder (text_encoder.t5_path) or pass --cache_dir")
+    self.encoder = encoder
+    self.cache = cache
+    self._warned: set[str] = set()
+
+  @property
+  def identity(self) -> dict:
+    if self.encoder is not None:
+      return dict(self.encoder.identity)
+    return dict(self.cache.manifest["encoder"])
+
+  @property
+  def max_length(self) -> int:
+    return int(self.identity["max_length"])
+
+  def check_stage(self, stage: LoadedStage, index: int) -> None:
+    """The stage must have been trained with this encoder (same weights, vocabulary and
+    length; the `name`, often a path, may differ)."""
+    trained = stage.info.get("encoder")
+    if not trained:
+      logging.warning("stage %d (%s) records no text encoder; cannot check that prompts are "
+                      "encoded as in training", index, stage.name)
+      return
+    mine = self.identity
+    keys = sorted((set(trained) & set(mine)) - {"name"})
+    diffs = [f"{k}: {trained[k]!r} in training, {mine[k]!r} now" for k in keys
+             if trained[k] != mine[k]]
+    if diffs:
+      raise UserError(f"stage {index} ({stage.name}) was trained with another text encoder ("
+                      + "; ".join(diffs) + "); configure text_encoder.t5_path / "
+                      "text_encoder.max_length (or --cache_dir) to the T5 checkpoint and "
+                      "settings the stage was trained with")
+    if self.cache is not None:
+      self.cache.check_compatible(trained)
+    text_dim = stage.info.get("text_dim")
+    if text_dim is not None and int(text_dim) != int(mine["d_model"]):
+      raise UserError(f"stage {index} ({stage.name}) takes text width {text_dim}, but the "
+                      f"text encoder gives {mine['d_model']}")
+
+  def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    n, length = len(prompts), self.max_length
+    cached = [i for i, p in enumerate(prompts) if self.cache is not None and p in self.cache]
+    fresh = sorted(set(range(n)) - set(cached))
+    if fresh and self.encoder is None:
+      missing = [prompts[i] for i in fresh[:3]]
+      raise UserError(f"prompt(s) {missing} are not in the embedding cache and no text "
+                      "encoder is configured; add them with imagen-embed or configure "
+                      "text_encoder.t5_path")
+    emb = mask = None
+    if cached:
+      e, m = self.cache.get_batch([prompts[i] for i in cached], length)
+      emb = np.zeros((n, length, e.shape[-1]), np.float32)
+      mask = np.zeros((n, length), bool)
+      emb[cached], mask[cached] = np.asarray(e, np.float32), m
+    if fresh:
+      texts = [prompts[i] for i in fresh]
+      if hasattr(self.encoder, "encode_with_info"):
+        e, m, truncated = self.encoder.encode_with_info(texts)
+      else:
+        (e, m), truncated = self.encoder.encode(texts), []
+      for i in truncated:
+        if texts[i] in self._warned:
+          continue
+        self._warned.add(texts[i])
+        logging.warning("prompt %r is longer than the text encoder's %d tokens and was "
+                        "truncated", texts[i], self.max_length)
+      e = np.asarray(jnp.asarray(e, jnp.bfloat16).astype(jnp.float32))
+      if emb is None:
+        emb = np.zeros((n, length, e.shape[-1]), np.float32)
+        mask = np.zeros((n, length), bool)
+      emb[fresh], mask[fresh] = e, m
+    return emb, mask
+
+
+# ---------------------------------------------------------------------------------------
+# One stage's sampling program.
+
+
+def _default_mesh(devices):
+  return mesh_lib.make_mesh(None, devices=devices)
+
+
+class StageSampler:
+  """The compiled sampling loop of one stage, for one batch size.
+
+  `__call__(seeds uint32 [B], text_emb, text_mask, lowres uint8 [B, s, s, 3] | None)`
+  -> uint8 [B, H, W, 3]. `jitted._cache_size()` counts its compilations.
+  """
+
+  def __init__(self, stage: LoadedStage, stage_index: int, mesh, batch_size: int):
+    self.stage, self.stage_index, self.mesh = stage, stage_index, mesh
+    self.batch_size = batch_size
+    cfg, info = stage.config, stage.info
+    graphdef, state = nnx.split(stage.model)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # Sampling replicates the weights: every device runs the full model on its batch rows.
+    self.state = jax.device_put(state, replicated)
+    self.batch_sharding = lambda ndim: mesh_lib.batch_sharding(mesh, ndim)
+
+    size, channels = stage.image_size, int(getattr(stage.model, "channels", 3))
+    objective = info.get("objective", "eps")
+    schedule = diffusion.get_schedule(info.get("schedule", "cosine"))
+    aug_schedule = diffusion.get_schedule(info.get("aug_schedule", "cosine"))
+    resize = info.get("lowres_resize", "bicubic")
+    # num_steps model evaluations; the last step goes to +inf and returns x0_hat.
+    grid = np.asarray(diffusion.log_snr_grid(schedule, cfg.num_steps), np.float32)
+    log_snrs = np.concatenate([grid[:-1], [np.inf]]).astype(np.float32)
+    if cfg.thresholding == "dynamic":
+      x0_transform = lambda x0: diffusion.dynamic_threshold(x0, cfg.percentile)
+    elif cfg.thresholding == "static":
+      x0_transform = diffusion.static_threshold
+    else:
+      x0_transform = None
+    stochastic = cfg.sampler == "ddpm" or (cfg.sampler == "ddim" and cfg.eta > 0)
+
+    def sample(state, seeds, text_emb, text_mask, lowres):
+      model = nnx.merge(graphdef, state)
+
+      def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None):
+        return model(x, log_snr, text_emb, text_mask, lowres=lowres,
+                     lowres_log_snr=lowres_log_snr, train=False)
+
+      batch = seeds.shape[0]
+      keys = jax.vmap(lambda s: jax.random.split(
+          jax.random.fold_in(jax.random.key(s), stage_index), 3))(seeds)
+      k_init, k_aug, k_sampler = keys[:, 0], keys[:, 1], keys[:, 2]
+      x_init = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(k_init)
+      cond = {"text_emb": text_emb, "text_mask": text_mask}
+      if lowres is not None:
+        # Noise conditioning augmentation as in training (train/step.py).
+        up = step_lib.upsample(step_lib.to_float_image(lowres), size, resize)
+        aug_log_snr = jnp.broadcast_to(aug_schedule(jnp.float32(cfg.aug_level)), (batch,))
+        noise = jax.vmap(lambda k: jax.random.normal(k, up.shape[1:]))(k_aug)
+        cond["lowres"] = diffusion.q_sample(up, aug_log_snr, noise)
+        cond["lowres_log_snr"] = aug_log_snr
+      guided = diffusion.classifier_free_guidance(model_fn, cfg.guidance_scale)
+      x = diffusion.sample(lambda x, log_snr: guided(x, log_snr, **cond), x_init,
+                           jnp.asarray(log_snrs), method=cfg.sampler,
+                           rng=k_sampler if stochastic else None, objective=objective,
+                           x0_transform=x0_transform, eta=cfg.eta)
+      return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+    self.jitted = jax.jit(sample, out_shardings=self.batch_sharding(4))
+
+  def __call__(self, seeds, text_emb, text_mask, lowres=None) -> jax.Array:
+    """Dispatches one batch (asynchronously); all inputs have batch_size rows."""
+    put = lambda x: jax.device_put(x, self.batch_sharding(np.ndim(x)))
+    args = [put(np.asarray(seeds, np.uint32)), put(np.asarray(text_emb, np.float32)),
+            put(np.asarray(text_mask, bool))]
+    args.append(None if lowres is None else put(np.asarray(lowres, np.uint8)))
+    with jax.set_mesh(self.mesh):
+      return self.jitted(self.state, *args)
+
+
+# ---------------------------------------------------------------------------------------
+# Where images go.
+
+
+class Sink(Protocol):
+  def has(self, stage: int, item: WorkItem) -> bool: ...
+  def read(self, stage: int, item: WorkItem) -> np.ndarray: ...
+  def write(self, stage: int, item: WorkItem, image: np.ndarray) -> None: ...
+  def record(self, rows: Sequence[dict]) -> None: ...
+
+
+class MemorySink:
+  """Keeps images in a dict; what the notebook call returns."""
+
+  def __init__(self):
+    self.images: dict[tuple[int, int, int], np.ndarray] = {}
+
+  def has(self, stage, item):
+    return (stage, item.prompt_index, item.sample) in self.images
+
+  def read(self, stage, item):
+    return self.images[(stage, item.prompt_index, item.sample)]
+
+  def write(self, stage, item, image):
+    self.images[(stage, item.prompt_index, item.sample)] = np.asarray(image)
+
+  def record(self, rows):
+    del rows
+
+
+class DirectorySink:
+  """PNGs under out_dir (written atomically) and rows in index.jsonl.
+
+  An image whose PNG exists is never recomputed nor overwritten: a rerun resumes.
+  """
+
+  def __init__(self, out_dir, process_index: int = 0, process_count: int = 1):
+    self.out_dir = epath.Path(out_dir)
+    self.index = output.IndexWriter(self.out_dir, process_index, process_count)
+    self._listed: dict[int, set[str]] = {}
+
+  def _path(self, stage, item) -> epath.Path:
+    return self.out_dir / output.image_file(stage, item.prompt_index, item.sample)
+
+  def has(self, stage, item):
+    if stage not in self._listed:  # one listing per stage, not one stat per image
+      directory = self.out_dir / f"stage{stage}"
+      self._listed[stage] = ({p.name for p in directory.iterdir()} if directory.exists()
+                             else set())
+    return self._path(stage, item).name in self._listed[stage]
+
+  def read(self, stage, item):
+    return output.read_png(self._path(stage, item))
+
+  def write(self, stage, item, image):
+    output.write_png(self._path(stage, item), image)
+    self._listed.setdefault(stage, set()).add(self._path(stage, item).name)
+
+  def record(self, rows):
+    self.index.add(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# The cascade.
+
+
+@dataclasses.dataclass
+class StageStats:
+  stage: int
+  size: int
+  images: int = 0          # generated in this run (skipped ones not counted)
+  skipped: int = 0
+  seconds: float = 0.0
+  first_batch_seconds: float = 0.0   # includes compilation
+
+  @property
+  def images_per_second(self) -> float:
+    return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class RunSummary:
+  stages: list[StageStats]
+  final_images: int
+  seconds: float
+
+  def line(self) -> str:
+    parts = []
+    for s in self.stages:
+      parts.append(f"stage {s.stage} ({s.size}x{s.size}): {s.images} images in "
+                   f"{s.seconds:.1f} s = {s.images_per_second:.3g} images/s"
+                   + (f" (first batch incl. compile {s.first_batch_seconds:.1f} s)"
+                      if s.images else "") + (f", {s.skipped} already done" if s.skipped
+                                              else ""))
+    total = self.final_images / self.seconds if self.seconds > 0 else 0.0
+    parts.append(f"total: {self.final_images} images in {self.seconds:.1f} s = "
+                 f"{total:.3g} images/s")
+    return "; ".join(parts)
+
+
+class Cascade:
+  """Loaded stages plus a text encoder, callable on a list of prompts."""
+
+  def __init__(self, stages: Sequence[LoadedStage], text: PromptEncoder | None = None, *,
+               batch_size: int = 8, devices: Sequence[jax.Device] | None = None,
+               mesh=None):
+    if not stages:
+      raise UserError("a cascade needs at least one stage")
+    self.stages = list(stages)
+    self.text = text
+    for k in range(1, len(self.stages)):
+      prev, cur = self.stages[k - 1], self.stages[k]
+      if not cur.is_sr:
+        raise UserError(f"stage {k} ({cur.name}) is a base model (it takes no low-resolution "
+                        "image); only stage 0 can be a base stage, list the stages base first")
+      if cur.lowres_size != prev.image_size:
+        raise UserError(f"stage {k} ({cur.name}) takes {cur.lowres_size}x{cur.lowres_size} "
+                        f"low-resolution images, but stage {k - 1} ({prev.name}) outputs "
+                        f"{prev.image_size}x{prev.image_size}; chain stages whose sizes "
+                        "match")
+    if text is not None:
+      for k, stage in enumerate(self.stages):
+        text.check_stage(stage, k)
+    if mesh is None:
+      mesh = _default_mesh(list(devices) if devices is not None else jax.local_devices())
+    self.mesh = mesh
+    self.data_parallel = mesh_lib.data_parallel_size(mesh)
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise UserError(f"batch_size={batch_size!r} must be a positive integer")
+    self.batch_size = batch_size
+    self._samplers: dict[int, StageSampler] = {}
+
+  @classmethod
+  def from_config(cls, gin_files: str | Sequence[str], bindings: Sequence[str] = (),
+                  **kwargs) -> "Cascade":
+    """Parses gin files (searched as the CLIs do) and bindings, then `load_cascade()`."""
+    from imagen_jax.cli import gin_utils
+    import imagen_jax.nn  # noqa: F401  (registers the configurables the gin files bind)
+    import imagen_jax.text.encode  # noqa: F401
+    gin_files = [gin_files] if isinstance(gin_files, (str, os.PathLike)) else list(gin_files)
+    gin_utils.parse_gin([os.fspath(f) for f in gin_files], list(bindings), finalize=False)
+    return load_cascade(**kwargs)
+
+  # --- batching ---------------------------------------------------------------------
+
+  def stage_batch_size(self, k: int) -> int:
+    """The stage's batch size rounded up to a multiple of the data-parallel devices."""
+    b = self.stages[k].config.batch_size or self.batch_size
+    return int(math.ceil(b / self.data_parallel) * self.data_parallel)
+
+  def sampler(self, k: int) -> StageSampler:
+    if k not in self._samplers:
+      self._samplers[k] = StageSampler(self.stages[k], k, self.mesh, self.stage_batch_size(k))
+    return self._samplers[k]
+
+  # --- the public calls -------------------------------------------------------------
+
+  def __call__(self, prompts: Sequence[str], *, num_samples: int = 1, seed: int = 0,
+               stop_at_stage: int | None = None, start_images=None,
+               progress: bool = False) -> list[np.ndarray]:
+    """Samples every prompt `num_samples` times through the cascade.
+
+    Args:
+      prompts: the texts.
+      num_samples: images per prompt.
+      seed: the root seed; image (p, s) has seed image_seeds(seed, p, s).
+      stop_at_stage: run stages 0 ... N-1 only (1 = the base alone).
+      start_images: uint8 [N, H, W, 3] (or a list), one per prompt: super-resolve these
+        with the super-resolution stages instead of sampling the base (each is centre-cropped
+        and resized to the first SR stage's input size if needed).
+
+    Returns:
+      one uint8 array [num_prompts, num_samples, H_k, W_k, 3] per stage k run. With
+      start_images the list starts with the start images themselves (resized, repeated
+      per sample), followed by the super-resolution stages' outputs.
+    """
+    prompts = list(prompts)
+    items = work_items(len(prompts), num_samples, seed)
+    sink = MemorySink()
+    first, last = self.run(prompts, items, sink, stop_at_stage=stop_at_stage,
+                           start_images=start_images, progress=progress)[1:]
+    out = []
+    for k in range(first, last):
+      out.append(np.stack([sink.read(k, it) for it in items]).reshape(
+          len(prompts), num_samples, *sink.read(k, items[0]).shape))
+    if start_images is not None:
+      fitted = self._fit_start_images(start_images, first, len(prompts))
+      out.insert(0, np.repeat(np.stack(fitted)[:, None], num_samples, axis=1))
+    return out
+
+  def reproduce(self, prompt: str, seed: int, *, stop_at_stage: int | None = None,
+                start_image=None) -> list[np.ndarray]:
+    """Regenerates one image from its index.jsonl `prompt` and `seed` -> one [H, W, 3] per
+    stage run."""
+    sink = MemorySink()
+    item = WorkItem(0, 0, int(seed))
+    start = None if start_image is None else [start_image]
+    first, last = self.run([prompt], [item], sink, stop_at_stage=stop_at_stage,
+                           start_images=start, progress=False)[1:]
+    return [sink.read(k, item) for k in range(first, last)]
+
+  # --- the engine -------------------------------------------------------------------
+
+  def stage_range(self, stop_at_stage: int | None, start_images) -> tuple[int, int]:
+    """(first, last): the stages to run, first inclusive, last exclusive."""
+    n = len(self.stages)
+    last = n if stop_at_stage is None else stop_at_stage
+    if not isinstance(last, int) or not 1 <= last <= n:
+      raise UserError(f"stop_at_stage={stop_at_stage!r} must be in 1 ... {n} (the cascade "
+                      f"has {n} stages; 1 = the base alone)")
+    if start_images is None:
+      if self.stages[0].is_sr:
+        s = self.stages[0]
+        raise UserError(f"stage 0 ({s.name}) is a super-resolution checkpoint ({s.lowres_size}"
+                        f" -> {s.image_size}); the first stage must be a base model, or pass "
+                        "start images (--start_image) to super-resolve")
+      return 0, last
+    first = 0 if self.stages[0].is_sr else 1
+    if first >= last:
+      raise UserError(f"start images need a super-resolution stage to run, but the stages run "
+                      f"are 0 ... {last - 1}; raise stop_at_stage or add an SR stage")
+    return first, last
+
+  def _fit_start_images(self, start_images, first: int, num_prompts: int) -> list[np.ndarray]:
+    images = list(start_images)
+    if len(images) != num_prompts:
+      raise UserError(f"{len(images)} start images for {num_prompts} prompts; give one "
+                      "prompt per start image")
+    return [output.fit_image(im, self.stages[first].lowres_size) for im in images]
+
+  def _embed(self, prompts: Sequence[str], needed: Sequence[int]):
+    if self.text is None:
+      raise UserError("this cascade has no text encoder: configure load_cascade.text_encoder "
+                      "or an embedding cache (--cache_dir)")
+    emb, mask = self.text([prompts[i] for i in needed])
+    return {p: i for i, p in enumerate(needed)}, emb, mask
+
+  def run(self, prompts: Sequence[str], items: Sequence[WorkItem], sink: Sink, *,
+          stop_at_stage: int | None = None, start_images=None, progress: bool = True,
+          row_extra: dict | None = None,
+          encode_all: bool = False) -> tuple[RunSummary, int, int]:
+    """Runs `items` through the stages, skipping images the sink already has.
+
+    Only prompts with work left are encoded, unless `encode_all`: with several processes
+    every process must make the same text-encoder calls (its mesh may span all of them).
+    Returns (summary, first stage, last stage + 1).
+    """
+    from tqdm import tqdm
+    if not prompts:
+      raise UserError("no prompts to sample; give at least one prompt")
+    first, last = self.stage_range(stop_at_stage, start_images)
+    start = (self._fit_start_images(start_images, first, len(prompts))
+             if start_images is not None else None)
+    t_start = time.perf_counter()
+    # Prompts are encoded once, and only those with work left (a finished rerun skips T5).
+    pending = sorted({it.prompt_index for k in range(first, last) for it in items
+                      if not sink.has(k, it)})
+    if encode_all:
+      pending = list(range(len(prompts)))
+    row_of, emb, mask = self._embed(prompts, pending) if pending else ({}, None, None)
+    stats = []
+    for k in range(first, last):
+      stage = self.stages[k]
+      settings = stage.settings()
+      if start is not None and k == first:
+        settings["lowres"] = "start_image"
+
+      def row(it, k=k, settings=settings):
+        return {"prompt": prompts[it.prompt_index], "prompt_index": it.prompt_index,
+                "seed": it.seed, "sample": it.sample, "stage": k,
+                "file": output.image_file(k, it.prompt_index, it.sample),
+                "sampler": settings, **(row_extra or {})}
+
+      done = [it for it in items if sink.has(k, it)]
+      todo = [it for it in items if not sink.has(k, it)]
+      sink.record([row(it) for it in done])
+      st = StageStats(stage=k, size=stage.image_size, skipped=len(done))
+      bar = tqdm(total=len(items), initial=len(done), desc=f"stage {k} ({stage.image_size}px)",
+                 unit="img", disable=not progress, leave=True)
+      t0 = time.perf_counter()
+      if todo:
+        sampler = self.sampler(k)
+        b = sampler.batch_size
+        inflight = None
+        for i in range(0, len(todo), b):
+          batch = todo[i:i + b]
+          # The last batch is padded with copies of its last item: same shape, no recompile.
+          padded = batch + [batch[-1]] * (b - len(batch))
+          rows = [row_of[it.prompt_index] for it in padded]
+          lowres = None
+          if stage.is_sr:
+            lowres = np.stack([start[it.prompt_index] if start is not None and k == first
+                               else sink.read(k - 1, it) for it in batch])
+            lowres = np.concatenate([lowres, np.repeat(lowres[-1:], b - len(batch), 0)])
+          out = sampler([it.seed for it in padded], emb[rows], mask[rows], lowres)
+          # Write the previous batch while this one runs on the devices.
+          if inflight is not None:
+            self._finish(k, *inflight, sink, row, bar)
+          inflight = (batch, out)
+          if i == 0:
+            jax.block_until_ready(out)
+            st.first_batch_seconds = time.perf_counter() - t0
+        self._finish(k, *inflight, sink, row, bar)
+      bar.close()
+      st.images, st.seconds = len(todo), time.perf_counter() - t0
+      stats.append(st)
+    summary = RunSummary(stats, final_images=sum(1 for it in items if sink.has(last - 1, it)),
+                         seconds=time.perf_counter() - t_start)
+    return summary, first, last
+
+  @staticmethod
+  def _finish(k, batch, out, sink, row, bar):
+    images = np.asarray(out)[:len(batch)]
+    for it, image in zip(batch, images):
+      sink.write(k, it, image)
+    sink.record([row(it) for it in batch])
+    bar.update(len(batch))
+
+
+@gin.configurable
+def load_cascade(stages: Sequence[Stage] = gin.REQUIRED, *, text_encoder: Any = None,
+                 cache_dir: str | None = None, batch_size: int = 8,
+                 devices: Sequence[jax.Device] | None = None) -> Cascade:
+  """Loads every stage's checkpoint and the text encoder into a `Cascade`.
+
+  Gin: `load_cascade.stages = [@base/Stage(), @sr/Stage()]`, `load_cascade.text_encoder =
+  @text_encoder()`. `devices` default: this process's devices.
+  """
+  if stages is gin.REQUIRED or not stages:
+    raise UserError("load_cascade.stages is empty; list the stages, e.g. "
+                    "load_cascade.stages = [@base/Stage(), @sr/Stage()]")
+  stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
+  devices = list(devices) if devices is not None else jax.local_devices()
+  mesh = mesh_lib.make_mesh(None, devices=devices)
+  loaded = [load_stage(s, mesh=mesh) for s in stages]
+  cache = None
+  if cache_dir:
+    from imagen_jax.text import cache as cache_lib  # no gin configurables
+    cache = cache_lib.EmbeddingCache.open(cache_dir)
+  text = PromptEncoder(text_encoder, cache) if (text_encoder is not None or cache) else None
+  return Cascade(loaded, text, batch_size=batch_size, mesh=mesh)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling into a directory (the CLI's work).
+
+
+def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samples: int = 1,
+                  seed: int = 0, stop_at_stage: int | None = None, start_images=None,
+                  grid_max_images: int = 64, process_index: int = 0, process_count: int = 1,
+                  barrier: Callable[[str], None] | None = None,
+                  progress: bool = True) -> RunSummary:
+  """Samples into out_dir: stage{k}/ PNGs, index.jsonl and grid.png (see output.py).
+
+  Images already in out_dir are skipped (and their index rows completed), so a rerun of a
+  killed job resumes. With several processes (issue 7) each one samples its share of the
+  images (`process_share`), then after `barrier` process 0 merges the index and writes the
+  grid; out_dir must then be a path every process sees (e.g. gs://).
+  """
+  if num_samples < 1:
+    raise UserError(f"num_samples={num_samples} must be at least 1")
+  items = work_items(len(prompts), num_samples, seed)
+  mine = process_share(items, process_index, process_count)
+  sink = DirectorySink(out_dir, process_index, process_count)
+  summary, _, last = cascade.run(prompts, mine, sink, stop_at_stage=stop_at_stage,
+                                 start_images=start_images,
+                                 progress=progress and process_index == 0,
+                                 row_extra={"root_seed": int(seed)},
+                                 encode_all=process_count > 1)
+  if process_count > 1:
+    if barrier is None:
+      raise ValueError("several processes need a barrier to merge the index")
+    barrier("imagen_sample_done")
+  if process_index == 0:
+    output.merge_index(out_dir)
+    shown = items[:grid_max_images]
+    images = [sink.read(last - 1, it) for it in shown]
+    captions = [prompts[it.prompt_index] + (f" #{it.sample}" if num_samples > 1 else "")
+                for it in shown]
+    output.write_grid(epath.Path(out_dir) / output.GRID_FILE,
+                      output.make_grid(images, captions))
+  return summary

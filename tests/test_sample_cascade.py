@@ -1,0 +1,339 @@
+"""imagen-sample end to end (issue 6): two tiny trained stages, the CLI, the Python API.
+
+One module fixture writes everything once: a sentencepiece model, a random tiny T5, and two
+checkpoints in imagen-train's format (train/checkpoint.py: orbax state, model.json,
+model.gin) whose parameters are random but non-zero everywhere, so the images depend on the
+seed, the prompt and the low-resolution input. The compiled sampling programs are shared
+through the persistent compilation cache (conftest.py).
+"""
+
+import json
+import os
+
+import gin
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from imagen_jax.cli import sample as sample_cli
+from imagen_jax.errors import UserError
+from imagen_jax.sample import cascade as cascade_lib
+from imagen_jax.sample import output
+
+BASE_GIN = """
+create_model.model_cls = @UNet
+UNet.image_size = 8
+UNet.text_dim = 16
+UNet.model_channels = 8
+UNet.channel_mult = (1, 2)
+UNet.num_res_blocks = 1
+UNet.attention_resolutions = (4,)
+UNet.head_dim = 8
+UNet.num_groups = 4
+"""
+
+SR_GIN = """
+create_model.model_cls = @EfficientUNet
+EfficientUNet.image_size = 16
+EfficientUNet.lowres_size = {lowres}
+EfficientUNet.text_dim = 16
+EfficientUNet.model_channels = 8
+EfficientUNet.channel_mult = (1, 2)
+EfficientUNet.num_res_blocks = (1, 1)
+EfficientUNet.self_attention = False
+EfficientUNet.head_dim = 8
+EfficientUNet.num_groups = 4
+"""
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle left of a red circle",
+           "a yellow square", "a purple circle above a blue triangle"]
+NUM_SAMPLES = 2          # 10 images: two batches of 8, the second one padded
+MAX_LENGTH = 32
+
+
+def _random_params(abstract_params: dict, seed: int) -> dict:
+  """Random parameters in numpy (no compilation): kernels ~ N(0, 1/fan_in), norm scales
+  ~ 1, everything else small. Unlike a fresh init (zeroed output layers), every prediction
+  then depends on the image, the noise level, the text and the low-resolution input."""
+  rng = np.random.RandomState(seed)
+
+  def draw(path, x):
+    name, shape = str(getattr(path[-1], "key", path[-1])), tuple(x.shape)
+    if name == "scale":
+      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    std = 1.0 / np.sqrt(fan_in) if name == "kernel" else 0.1
+    return (std * rng.standard_normal(shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract_params)
+
+
+def _write_stage(model_dir, model_gin: str, identity: dict, seed: int) -> str:
+  """A checkpoint as imagen-train writes it (train/checkpoint.py), random parameters."""
+  from imagen_jax import nn
+  from imagen_jax.train import checkpoint, state as state_lib, step as step_lib
+  gin.clear_config()
+  gin.parse_config(model_gin)
+  with state_lib.no_eager_sharding():
+    abstract = nnx.eval_shape(lambda: nn.create_model(rngs=nnx.Rngs(params=seed)))
+  _, abstract_params, _ = state_lib.split_model(abstract)
+  params = _random_params(abstract_params, seed)
+  # The optimizer state plays no part in sampling; any small pytree stands in for it.
+  state = state_lib.TrainState(
+      step=np.int32(1), params=params, opt_state={"count": np.int32(1)},
+      ema_params=params, rng=np.zeros(2, np.uint32))
+  ckpt = checkpoint.Checkpointer(model_dir, async_save=False)
+  ckpt.save(state, force=True)
+  ckpt.close()
+  info = checkpoint.model_info(abstract, params, loss_cfg=step_lib.LossConfig(),
+                               encoder=identity)
+  checkpoint.check_or_write_model_json(model_dir, info)
+  (model_dir / "model.gin").write_text(checkpoint.model_gin_str())
+  gin.clear_config()
+  return os.fspath(model_dir)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  from imagen_jax.text import encode, t5, vocab
+  root = tmp_path_factory.mktemp("sample")
+  spiece = vocab.train_sentencepiece(PROMPTS * 4 + ["orange rectangle below"], root / "sp.model",
+                                     vocab_size=64)
+  t5_dir = t5.save_random_encoder(root / "t5", t5.T5Config(
+      vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2), seed=0,
+      spiece_model=spiece)
+  identity = encode.TextEncoder.load(t5_dir, max_length=MAX_LENGTH, batch_size=8).identity
+  base = _write_stage(root / "base", BASE_GIN, identity, seed=1)
+  sr = _write_stage(root / "sr", SR_GIN.format(lowres=8), identity, seed=2)
+  sr_wrong = _write_stage(root / "sr4", SR_GIN.format(lowres=4), identity, seed=3)
+  prompts_file = root / "prompts.txt"
+  prompts_file.write_text("\n".join(PROMPTS) + "\n\n")  # a trailing blank line is skipped
+  gin_file = root / "test_sample.gin"
+  gin_file.write_text(
+      "include 'runs/sample.gin'\n"
+      f"BASE_DIR = '{base}'\nSR_DIR = '{sr}'\nT5_PATH = '{t5_dir}'\n"
+      f"MAX_LENGTH = {MAX_LENGTH}\n"
+      "load_cascade.batch_size = 8\n"
+      # ddpm with dynamic thresholding for the base, dpmpp_2m with static for the SR stage:
+      # both samplers' per-example noise and both thresholdings are exercised.
+      "base/Stage.sampler = 'ddpm'\nbase/Stage.num_steps = 3\n"
+      "base/Stage.thresholding = 'dynamic'\n"
+      "sr/Stage.num_steps = 2\n")
+  return dict(root=root, base=base, sr=sr, sr_wrong=sr_wrong, t5=t5_dir, identity=identity,
+              prompts_file=prompts_file, gin_file=gin_file)
+
+
+def _cli(env, out_dir, *extra):
+  return sample_cli.main([f"--gin_file={env['gin_file']}", f"--prompts={env['prompts_file']}",
+                          f"--out_dir={out_dir}", f"--num_samples={NUM_SAMPLES}", "--seed=7",
+                          "--no_progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def cli_run(env):
+  """One CLI run; returns its directory and a snapshot of its files."""
+  out = env["root"] / "out"
+  assert _cli(env, out) == 0
+  files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.png")}
+  return out, files
+
+
+@pytest.fixture(scope="module")
+def cascade(env):
+  from imagen_jax.sample.cascade import Cascade
+  gin.clear_config()
+  c = Cascade.from_config(os.fspath(env["gin_file"]))
+  gin.clear_config()
+  return c
+
+
+def test_cli_writes_stages_grid_and_index(env, cli_run, capsys):
+  out, files = cli_run
+  names = [f"{p:05d}_{s}.png" for p in range(len(PROMPTS)) for s in range(NUM_SAMPLES)]
+  assert sorted(files) == sorted([f"stage0/{n}" for n in names] + [f"stage1/{n}" for n in names]
+                                 + ["grid.png"])
+  assert output.read_png(out / "stage0/00000_0.png").shape == (8, 8, 3)
+  assert output.read_png(out / "stage1/00004_1.png").shape == (16, 16, 3)
+  grid = output.read_png(out / "grid.png")
+  assert grid.shape[0] > 16 and grid.shape[1] > 3 * 16  # images plus caption bands
+  rows = output.read_index(out)
+  assert len(rows) == 2 * len(names)
+  assert len({(r["stage"], r["prompt_index"], r["sample"]) for r in rows}) == len(rows)
+  for r in rows:
+    assert set(r) >= {"prompt", "prompt_index", "seed", "sample", "stage", "file", "sampler"}
+    assert r["prompt"] == PROMPTS[r["prompt_index"]]
+    assert (out / r["file"]).exists()
+    assert isinstance(r["seed"], int)
+    assert r["seed"] == cascade_lib.image_seeds(7, [r["prompt_index"]], [r["sample"]])[0]
+  by_stage = {r["stage"]: r["sampler"] for r in rows}
+  assert by_stage[0]["method"] == "ddpm" and by_stage[0]["thresholding"] == "dynamic"
+  assert by_stage[1]["method"] == "dpmpp_2m" and by_stage[1]["aug_level"] == 0.2
+  assert "aug_level" not in by_stage[0]
+  # Different samples of one prompt differ; the seeds of all images are distinct.
+  assert files["stage0/00000_0.png"] != files["stage0/00000_1.png"]
+  assert len({r["seed"] for r in rows if r["stage"] == 0}) == len(names)
+  assert "create_model" in (out / "config.gin").read_text()
+
+
+def test_rerun_skips_finished_images_and_recreates_identical_bytes(env, cli_run, capsys):
+  out, files = cli_run
+  mtimes = {n: (out / n).stat().st_mtime_ns for n in files if n != "grid.png"}
+  # A killed job: two images lost (one per stage) and a torn last index line.
+  (out / "stage1/00003_1.png").unlink()
+  (out / "stage0/00004_0.png").unlink()
+  lines = (out / "index.jsonl").read_text().splitlines(keepends=True)
+  (out / "index.jsonl").write_text("".join(lines[:5]) + lines[5][:10])
+  capsys.readouterr()
+  assert _cli(env, out) == 0
+  assert "already done" in capsys.readouterr().out
+  for name, data in files.items():
+    if name != "grid.png":
+      assert (out / name).read_bytes() == data, name
+  regenerated = {"stage1/00003_1.png", "stage0/00004_0.png", "stage1/00004_0.png"}
+  for name, mtime in mtimes.items():
+    if name not in regenerated:
+      assert (out / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+  rows = output.read_index(out)
+  assert len(rows) == 4 * len(PROMPTS)
+  assert len({(r["stage"], r["prompt_index"], r["sample"]) for r in rows}) == len(rows)
+  assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_api_gives_the_cli_images_and_reproduces_index_seeds(cascade, cli_run):
+  out, files = cli_run
+  images = cascade(PROMPTS, num_samples=NUM_SAMPLES, seed=7)
+  assert [a.shape for a in images] == [(5, 2, 8, 8, 3), (5, 2, 16, 16, 3)]
+  assert all(a.dtype == np.uint8 for a in images)
+  for k in range(2):
+    for p in range(len(PROMPTS)):
+      for s in range(NUM_SAMPLES):
+        np.testing.assert_array_equal(images[k][p, s],
+                                      output.read_png(out / output.image_file(k, p, s)))
+  row = [r for r in output.read_index(out) if (r["prompt_index"], r["sample"]) == (3, 1)][0]
+  again = cascade.reproduce(row["prompt"], row["seed"])
+  np.testing.assert_array_equal(again[0], images[0][3, 1])
+  np.testing.assert_array_equal(again[1], images[1][3, 1])
+  # One compiled program per stage for all these batches and calls: no recompilation.
+  assert cascade.sampler(0).jitted._cache_size() == 1
+  assert cascade.sampler(1).jitted._cache_size() == 1
+
+
+def test_padded_batch_gives_the_unpadded_images(cascade):
+  """8 images fill a batch of 8 (one per device) exactly; 4 of them are padded to 8."""
+  prompts = PROMPTS[:4]
+  full = cascade(prompts, num_samples=2, seed=3, stop_at_stage=1)[0]   # 8 images, no padding
+  part = cascade(prompts[:2], num_samples=2, seed=3, stop_at_stage=1)[0]
+  np.testing.assert_array_equal(part, full[:2])
+  one = cascade.reproduce(prompts[1], cascade_lib.image_seeds(3, [1], [1])[0],
+                          stop_at_stage=1)[0]
+  np.testing.assert_array_equal(one, full[1, 1])
+  assert cascade.sampler(0).jitted._cache_size() == 1
+
+
+def test_other_batch_size_gives_identical_images(cascade):
+  other = cascade_lib.Cascade(cascade.stages, cascade.text, batch_size=16, mesh=cascade.mesh)
+  assert other.stage_batch_size(0) == 16
+  a = cascade(PROMPTS, num_samples=2, seed=5, stop_at_stage=1)[0]
+  b = other(PROMPTS, num_samples=2, seed=5, stop_at_stage=1)[0]
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a[0, 0], a[0, 1])
+
+
+def test_start_images_are_super_resolved_like_the_cascade_output(cascade, cli_run):
+  out, _ = cli_run
+  lowres = [output.read_png(out / output.image_file(0, p, 0)) for p in range(len(PROMPTS))]
+  images = cascade(PROMPTS, num_samples=1, seed=7, start_images=lowres)
+  assert len(images) == 2
+  np.testing.assert_array_equal(images[0][:, 0], np.stack(lowres))
+  for p in range(len(PROMPTS)):
+    np.testing.assert_array_equal(images[1][p, 0],
+                                  output.read_png(out / output.image_file(1, p, 0)))
+
+
+def test_cli_start_image_folder_with_captions(env, cli_run, tmp_path):
+  """The base outputs fed back as start images (captions beside them) give the SR outputs."""
+  out, files = cli_run
+  folder = tmp_path / "lowres"
+  folder.mkdir()
+  for p, prompt in enumerate(PROMPTS):
+    (folder / f"img{p}.png").write_bytes(files[output.image_file(0, p, 0)])
+    (folder / f"img{p}.txt").write_text(prompt)
+  sr_out = tmp_path / "sr"
+  assert sample_cli.main([f"--gin_file={env['gin_file']}", f"--start_image={folder}",
+                          f"--out_dir={sr_out}", "--seed=7", "--no_progress"]) == 0
+  assert not (sr_out / "stage0").exists()
+  for p in range(len(PROMPTS)):
+    name = output.image_file(1, p, 0)
+    assert (sr_out / name).read_bytes() == files[name]
+  rows = output.read_index(sr_out)
+  assert [r["prompt"] for r in rows] == PROMPTS
+  assert all(r["sampler"]["lowres"] == "start_image" for r in rows)
+
+
+def test_too_long_prompt_warns_with_its_text(cascade, caplog):
+  long = "a red circle " * 10
+  with caplog.at_level("WARNING"):
+    emb, mask = cascade.text(["a blue square", long])
+  assert emb.shape == (2, MAX_LENGTH, 16) and mask[1].all()
+  assert any("truncated" in r.getMessage() and long.strip() in r.getMessage()
+             for r in caplog.records)
+
+
+def test_cached_prompts_give_the_encoder_embeddings(cascade, tmp_path):
+  from imagen_jax.text import cache as cache_lib
+  encoder = cascade.text.encoder
+  cache_lib.build_cache(tmp_path / "cache", PROMPTS[:2], encoder, progress=False)
+  cache = cache_lib.EmbeddingCache.open(tmp_path / "cache")
+  from_t5 = cascade.text(PROMPTS[:3])
+  mixed = cascade_lib.PromptEncoder(encoder, cache)(PROMPTS[:3])      # 2 cached, 1 not
+  cache_only = cascade_lib.PromptEncoder(None, cache)
+  for a, b in zip(from_t5, mixed):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(cache_only(PROMPTS[:2])[0], from_t5[0][:2])
+  with pytest.raises(UserError, match="not in the embedding cache"):
+    cache_only(PROMPTS[:3])
+  cache_only.check_stage(cascade.stages[0], 0)  # same encoder identity: accepted
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_empty_prompts_file_is_a_clear_error(env, tmp_path, capsys):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n  \n")
+  code = sample_cli.main([f"--gin_file={env['gin_file']}", f"--prompts={empty}",
+                          f"--out_dir={tmp_path / 'o'}"])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "empty" in err and "empty.txt" in err
+  assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_dir_without_checkpoint(tmp_path):
+  (tmp_path / "nothing").mkdir()
+  with pytest.raises(UserError, match="nothing"):
+    cascade_lib.load_stage(cascade_lib.Stage(model_dir=os.fspath(tmp_path / "nothing")))
+  with pytest.raises(UserError, match="does not exist"):
+    cascade_lib.load_stage(cascade_lib.Stage(model_dir=os.fspath(tmp_path / "missing")))
+
+
+def test_resolution_mismatch_and_sr_as_base(env, cascade):
+  wrong = cascade_lib.load_stage(cascade_lib.Stage(model_dir=env["sr_wrong"]))
+  gin.clear_config()
+  with pytest.raises(UserError, match=r"4x4.*stage 0.*outputs 8x8"):
+    cascade_lib.Cascade([cascade.stages[0], wrong], cascade.text, mesh=cascade.mesh)
+  with pytest.raises(UserError, match="base model"):
+    cascade_lib.Cascade([cascade.stages[0], cascade.stages[0]], cascade.text,
+                        mesh=cascade.mesh)
+  sr_only = cascade_lib.Cascade([cascade.stages[1]], cascade.text, mesh=cascade.mesh)
+  with pytest.raises(UserError, match="super-resolution checkpoint"):
+    sr_only(["a red circle"])
+
+
+def test_encoder_mismatch_is_refused(cascade):
+  base = cascade.stages[0]
+  info = {**base.info, "encoder": {**base.info["encoder"], "weights_sha256": "0" * 64}}
+  other = cascade_lib.LoadedStage(base.config, base.model, info)
+  with pytest.raises(UserError, match="weights_sha256"):
+    cascade_lib.Cascade([other], cascade.text, mesh=cascade.mesh)

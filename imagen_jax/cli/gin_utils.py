@@ -142,6 +142,15 @@ def require_macros(*names: str) -> None:
                     "--gin.MODEL_DIR=\"'runs/x'\")")
 
 
+def _exit_now_if_distributed(code: int) -> None:
+  """With several processes, a normal exit waits at JAX's shutdown barrier for peers that
+  are usually stuck in a collective with this one; exit at once instead. (Only when the
+  multi-host module is loaded: importing it here would start jax in every CLI.)"""
+  hosts = sys.modules.get("imagen_jax.parallel.hosts")
+  if hosts is not None:
+    hosts.fail_fast_exit(code)
+
+
 def run(main: Callable[[Sequence[str] | None], int | None],
         argv: Sequence[str] | None = None) -> int:
   """Runs a CLI main; expected errors print one line to stderr and return 2."""
@@ -149,6 +158,7 @@ def run(main: Callable[[Sequence[str] | None], int | None],
     return main(argv) or 0
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
+    _exit_now_if_distributed(2)
     return 2
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)

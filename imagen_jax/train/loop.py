@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from imagen_jax import diffusion
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.errors import UserError
+from imagen_jax.parallel import hosts
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import rules
 from imagen_jax.train import checkpoint as ckpt_lib
@@ -302,6 +303,10 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     lowered = jitted.lower(state, batch)
     compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  if jax.process_count() > 1:
+    # Processes compile at different speeds (only process 0 writes the compilation cache);
+    # meet here so that the first step's collectives do not hit gloo's 30 s connect limit.
+    hosts.sync_global_devices("train_step_compiled")
   hardware_flops = metrics_lib.cost_flops(lowered)
   model_flops = hardware_flops
   remat = any(getattr(m, "remat", False) for _, m in nnx.iter_modules(abstract_model))

@@ -40,10 +40,10 @@ _PEAK_CACHE: dict[str, float] = {}
 
 def measured_peak_flops(dtype=jnp.bfloat16, n: int = 1024, repeats: int = 5) -> float:
   """Peak FLOP/s of one device, measured: the best of `repeats` timed n x n matmuls."""
-  key = f"{jax.devices()[0].device_kind}/{jnp.dtype(dtype).name}/{n}"
+  device = jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 in multi-host runs
+  key = f"{device.device_kind}/{jnp.dtype(dtype).name}/{n}"
   if key in _PEAK_CACHE:
     return _PEAK_CACHE[key]
-  device = jax.devices()[0]
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()

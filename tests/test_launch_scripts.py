@@ -1,0 +1,310 @@
+"""launch/multiprocess_cpu.sh and launch/tpu_pod.sh, with small stand-in programs (no JAX):
+arguments and environment of every process, output prefixes, stopping every process when
+one fails, and the exact (quoted) gcloud commands of a TPU pod run."""
+
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MULTIPROCESS = REPO / "launch" / "multiprocess_cpu.sh"
+TPU_POD = REPO / "launch" / "tpu_pod.sh"
+
+# A stand-in for a JAX program: records its pid, arguments and environment, then
+# behaves as told by the environment variable BEHAVIOUR_<process index>.
+PROGRAM = textwrap.dedent("""\
+    import json, os, signal, subprocess, sys, time
+    index = int([a for a in sys.argv if a.startswith("--process_index=")][0].split("=")[1])
+    out = sys.argv[1]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(os.path.join(out, f"pids.{index}"), "w") as f:
+      f.write(f"{os.getpid()} {child.pid}")
+    print(json.dumps({"argv": sys.argv[2:], "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+                      "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS"),
+                      "cache": os.environ.get("JAX_ENABLE_COMPILATION_CACHE")}), flush=True)
+    print("second line", flush=True)
+    behaviour = os.environ.get(f"BEHAVIOUR_{index}", "ok")
+    if behaviour.startswith("exit"):
+      time.sleep(0.5)
+      sys.exit(int(behaviour[4:]))
+    if behaviour == "stubborn":  # like JAX, which catches SIGTERM as a preemption notice
+      signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM ignored", flush=True))
+      time.sleep(60)
+    if behaviour == "sleep":
+      time.sleep(60)
+    child.kill()
+    """)
+
+
+def alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  # A zombie (exited, not yet reaped by its parent) counts as gone.
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def run_multiprocess(tmp_path, *options, behaviour=None, timeout=30):
+  program = tmp_path / "program.py"
+  program.write_text(PROGRAM)
+  env = {**os.environ, "XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}
+  env.pop("JAX_ENABLE_COMPILATION_CACHE", None)
+  env.update({f"BEHAVIOUR_{i}": b for i, b in (behaviour or {}).items()})
+  start = time.monotonic()
+  result = subprocess.run(
+      [str(MULTIPROCESS), *options, "--", sys.executable, str(program), str(tmp_path)],
+      capture_output=True, text=True, env=env, timeout=timeout)
+  return result, time.monotonic() - start
+
+
+def test_multiprocess_runs_n_copies_with_flags_env_and_prefixes(tmp_path):
+  result, _ = run_multiprocess(tmp_path, "3", "--devices_per_process=2", "--port=12399")
+  assert result.returncode == 0, result.stderr
+  for i in range(3):
+    lines = [l for l in result.stdout.splitlines() if l.startswith(f"[{i}] ")]
+    assert len(lines) == 2 and lines[1] == f"[{i}] second line", result.stdout
+    record = json.loads(lines[0][len(f"[{i}] "):])
+    assert record["argv"] == ["--coordinator_address=localhost:12399", "--process_count=3",
+                              f"--process_index={i}"]
+    # Our device count replaces the inherited one; other XLA flags stay.
+    assert record["XLA_FLAGS"].split() == ["--xla_foo=1",
+                                           "--xla_force_host_platform_device_count=2"]
+    assert record["JAX_PLATFORMS"] == "cpu"
+    assert record["cache"] == "false"  # see multiprocess_cpu.sh: keeps processes in step
+
+
+def test_multiprocess_stops_all_when_one_fails(tmp_path):
+  """Process 1 exits 5; process 0 ignores SIGTERM and has a child: all must be gone."""
+  result, elapsed = run_multiprocess(tmp_path, "2", "--grace=1",
+                                     behaviour={0: "stubborn", 1: "exit5"})
+  assert result.returncode == 5, result.stderr
+  assert elapsed < 15  # not the 60 s the survivor would sleep
+  pid1 = int((tmp_path / "pids.1").read_text().split()[0])
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"multiprocess_cpu.sh: process 1 (pid {pid1}) exited with status 5; stopped the "
+      "other 1 process(es)")
+  assert "[0] SIGTERM ignored" in result.stdout
+  for pid in map(int, (tmp_path / "pids.0").read_text().split()):  # process 0 and child
+    assert not alive(pid)
+
+
+def test_multiprocess_timeout(tmp_path):
+  result, elapsed = run_multiprocess(tmp_path, "2", "--timeout=2", "--grace=1",
+                                     behaviour={0: "sleep", 1: "sleep"})
+  assert result.returncode == 124
+  assert "timed out after 2s; stopped all 2 processes" in result.stderr
+  assert elapsed < 15
+  for i in range(2):
+    assert not alive(int((tmp_path / f"pids.{i}").read_text().split()[0]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["0", "--", "true"], "N must be a positive integer"),
+    (["2", "true"], "unknown option 'true'"),
+    (["2", "--"], "no COMMAND"),
+    (["2", "--devices_per_process=x", "--", "true"], "--devices_per_process"),
+    (["2", "--", "no-such-command-xyz"], "command not found"),
+])
+def test_multiprocess_usage_errors(argv, message):
+  result = subprocess.run([str(MULTIPROCESS), *argv], capture_output=True, text=True,
+                          timeout=30)
+  assert result.returncode == 2 and message in result.stderr
+
+
+# ---------------------------------------------------------------- tpu_pod.sh
+
+USER_COMMAND = ["imagen-train", "--gin_file=experiments/base 64.gin",
+                "--gin.MODEL_DIR='gs://bucket/run 1'",
+                "--gin_bindings=UNet.dropout = 0.1", 'say "hi" $HOME; `x`']
+
+
+def dry_run(*options):
+  result = subprocess.run([str(TPU_POD), "my-tpu", "us-central2-b", *options, "--dry_run",
+                           "--", *USER_COMMAND], capture_output=True, text=True, timeout=30)
+  assert result.returncode == 0, result.stderr
+  return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def option(argv, name):
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+  assert len(values) == 1, (name, argv)
+  return values[0]
+
+
+def test_tpu_pod_dry_run_commands():
+  commands = dry_run("--project", "my-proj", "--num_workers=2", "--sync_dir=code dir")
+  tar, scp, setup, *runs = commands
+  assert tar[:2] == ["tar", "-czf"] and "--exclude=./.venv" in tar and tar[-1] == "."
+  tarball = tar[2]
+  assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+  assert scp[5:7] == [tarball, "my-tpu:/tmp/imagen-jax-code.tar.gz"]
+  for argv in (scp, setup, *runs):
+    assert option(argv, "zone") == "us-central2-b" and option(argv, "project") == "my-proj"
+  assert setup[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+  assert option(setup, "worker") == "all"
+  assert "pip install --quiet -e ." in option(setup, "command")
+  assert "mkdir -p 'code dir'" in option(setup, "command")
+  assert len(runs) == 2
+  for i, argv in enumerate(runs):
+    assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+    assert option(argv, "worker") == str(i)
+
+
+def test_tpu_pod_remote_command_keeps_every_argument_intact(tmp_path):
+  """Runs the printed remote command in bash, as a worker's login shell would."""
+  runs = dry_run("--num_workers=1", "--skip_sync", "--sync_dir=code dir")
+  assert len(runs) == 1  # --skip_sync: no tar, scp or setup
+  remote = option(runs[0], "command")
+  venv = tmp_path / "code dir" / ".venv" / "bin"
+  venv.mkdir(parents=True)
+  (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
+  (venv / "imagen-train").write_text(
+      "#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+  (venv / "imagen-train").chmod(0o755)
+  result = subprocess.run(["bash", "-c", remote], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout) == USER_COMMAND[1:]
+  assert not (tmp_path / "code dir" / ".run.pgid").exists()  # cleaned up after the run
+
+
+def test_tpu_pod_dry_run_needs_worker_count():
+  result = subprocess.run([str(TPU_POD), "t", "z", "--dry_run", "--", "true"],
+                          capture_output=True, text=True, timeout=30)
+  assert result.returncode == 2 and "--num_workers" in result.stderr
+
+
+FAKE_GCLOUD = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    # Stands in for `gcloud compute tpus tpu-vm ...`: worker i is the directory
+    # $FAKE_POD/worker_i, and ssh runs the command there in a new session, as sshd does.
+    echo "$*" >> "$FAKE_POD/gcloud.log"
+    [ "$4" = describe ] && { echo "10.0.0.1;10.0.0.2"; exit 0; }
+    worker=""; command=""
+    for a in "$@"; do
+      case "$a" in --worker=*) worker="${a#*=}" ;; --command=*) command="${a#*=}" ;; esac
+    done
+    if [ "$worker" = all ]; then
+      for d in "$FAKE_POD"/worker_*; do (cd "$d" && setsid bash -c "$command"); done
+    else
+      cd "$FAKE_POD/worker_$worker" && exec setsid bash -c "$command"
+    fi
+    """)
+
+
+def test_tpu_pod_worker_failure(tmp_path):
+  pod = tmp_path / "pod"
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+  (bin_dir / "gcloud").chmod(0o755)
+  program = tmp_path / "program.py"
+  program.write_text(PROGRAM)
+  for i in range(2):
+    venv = pod / f"worker_{i}" / "imagen-jax" / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    # Each worker's environment says who it is and how it behaves.
+    (venv / "activate").write_text(
+        f"export BEHAVIOUR_{i}={'stubborn' if i == 0 else 'exit4'}\n")
+  wrapper = tmp_path / "worker_program.sh"
+  wrapper.write_text(f'#!/usr/bin/env bash\ni="$(basename "$(dirname "$PWD")")"; '
+                     f'exec {sys.executable} {program} "$@" --process_index="${{i#worker_}}"\n')
+  wrapper.chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_POD": str(pod)}
+  start = time.monotonic()
+  result = subprocess.run(
+      [str(TPU_POD), "my-tpu", "zone-a", "--skip_sync", "--grace=1",
+       f"--log_dir={tmp_path / 'logs'}", "--", str(wrapper), str(tmp_path)],
+      capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+  elapsed = time.monotonic() - start
+  assert result.returncode == 4, (result.stdout, result.stderr)
+  assert elapsed < 30
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"tpu_pod.sh: worker 1 exited with status 4 (see {tmp_path / 'logs'}/worker_1.log); "
+      "stopped the other 1 worker(s)")
+  log1 = (tmp_path / "logs" / "worker_1.log").read_text()
+  assert log1.splitlines()[1] == "second line"  # the log has no prefixes
+  assert "[1] second line" in result.stdout
+  for pid in map(int, (tmp_path / "pids.0").read_text().split()):
+    assert not alive(pid)
+  calls = (pod / "gcloud.log").read_text().splitlines()
+  assert sum("describe my-tpu" in c for c in calls) == 1
+  assert any("--worker=all" in c and "kill -TERM" in c for c in calls)
+
+
+# ---------------------------------------------------------------- slurm.sbatch
+
+SLURM = REPO / "launch" / "slurm.sbatch"
+
+
+def test_slurm_directives_come_before_the_first_command():
+  """sbatch reads #SBATCH lines only until the first command of the script."""
+  lines = SLURM.read_text().splitlines()
+  first_command = next(i for i, l in enumerate(lines[1:], 1)
+                       if l.strip() and not l.startswith("#"))
+  directives = [i for i, l in enumerate(lines) if l.startswith("#SBATCH")]
+  assert directives and max(directives) < first_command
+  assert any("--kill-on-bad-exit=1" in l for l in lines if l.startswith("srun"))
+  assert subprocess.run(["bash", "-n", str(SLURM)]).returncode == 0
+
+
+FAKE_SRUN = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    # Stands in for srun on one node: 2 tasks with the variables Slurm gives each task.
+    while [[ "$1" == --* ]]; do shift; done
+    for i in 0 1; do
+      SLURM_JOB_ID=4242 SLURM_STEP_NODELIST=localhost SLURM_NTASKS=2 SLURM_PROCID=$i \\
+      SLURM_LOCALID=$i SLURM_STEP_NUM_NODES=1 "$@" > "$FAKE_OUT.$i" 2>&1 &
+    done
+    wait -n && wait -n
+    """)
+
+
+def test_slurm_job_auto_detects_the_cluster(tmp_path):
+  """The sbatch script under a stand-in srun: real JAX Slurm auto-detection, 2 tasks."""
+  import socket
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(FAKE_SRUN)
+  (bin_dir / "srun").chmod(0o755)
+  (tmp_path / ".venv" / "bin").mkdir(parents=True)
+  (tmp_path / ".venv" / "bin" / "activate").write_text(
+      f'PATH="{pathlib.Path(sys.executable).parent}:$PATH"\n')
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+         "SLURM_SUBMIT_DIR": str(tmp_path), "FAKE_OUT": str(tmp_path / "out"),
+         "JAX_COORDINATOR_PORT": str(port), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
+  result = subprocess.run(["bash", str(SLURM), "python", "-c", SLURM_PROGRAM],
+                          capture_output=True, text=True, env=env, timeout=150)
+  outputs = [(tmp_path / f"out.{i}").read_text() for i in range(2)]
+  assert result.returncode == 0, result.stderr + "".join(o[-2000:] for o in outputs)
+  for i, out in enumerate(outputs):
+    assert f"RESULT slurm {i} 2 4 [1. 2.]" in out.splitlines(), out[-2000:]
+
+
+# Joins through auto-detection and all-gathers one value per process.
+SLURM_PROGRAM = textwrap.dedent("""\
+    import numpy as np
+    from imagen_jax.parallel import hosts
+    info = hosts.initialize()  # no flags: the SLURM_* variables
+    import jax
+    from jax.experimental import multihost_utils
+    gathered = multihost_utils.process_allgather(np.float32(jax.process_index() + 1))
+    print("RESULT", info.method, jax.process_index(), jax.process_count(),
+          jax.device_count(), gathered, flush=True)
+    """)

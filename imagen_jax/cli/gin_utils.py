@@ -29,13 +29,16 @@ from etils import epath
 from imagen_jax.errors import UserError
 
 class _DropGinIncludeProbes(logging.Filter):
-  """gin tries every include as a Python package path first and logs "Path not found" at
-  ERROR level on the root logger when it is not one, even though it then finds the file in
-  the search paths. Those lines are noise that looks like a failure."""
+  """gin tries every include as a Python package path first, logging each probe on the
+  root logger (INFO) and "Path not found" (ERROR) when it is not one, even though it then
+  finds the file in the search paths. Those lines are noise; the second looks like a
+  failure."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
-                and str(record.msg).startswith("Path not found"))
+    if not record.pathname.endswith(os.path.join("gin", "resource_reader.py")):
+      return True
+    return record.levelno >= logging.WARNING and not str(record.msg).startswith(
+        "Path not found")
 
 
 logging.getLogger().addFilter(_DropGinIncludeProbes())

@@ -1,0 +1,131 @@
+"""The quickstart's text assets: a sentencepiece model of the shapes captions and a small
+T5 encoder with fixed random weights (no pretrained T5 can be downloaded here).
+
+    python -m imagen_jax.text.toy --out=runs/quickstart/t5
+    # -> runs/quickstart/t5/{config.json, model.safetensors, spiece.model}, a directory
+    #    that TextEncoder.load / imagen-embed / imagen-sample read like a real T5 checkpoint
+
+Deterministic: the same flags give byte-identical files.
+
+The tokenizer. `vocab.train_sentencepiece` trains a unigram model, and on this small,
+repetitive corpus sentencepiece's unigram seeding finds only ~28 candidate pieces, so
+colour words come out spelled letter by letter ("▁b l u e", "▁ p u r p le"): 18 pieces
+for a two-object caption. A BPE model with 96 pieces, trained with the same T5 ids
+(pad 0, EOS 1, unk 2, no BOS), keeps every word of the grammar whole (a two-object caption
+is 10 pieces plus EOS) and still spells unknown words with single characters, so a prompt
+outside the grammar tokenizes without `<unk>` as long as its letters occur in the corpus.
+Whole words give the U-Net's cross-attention one token per word to bind, and short
+sequences keep attention cheap.
+
+The encoder. A random T5 is not a language model, but it is a fixed, injective-enough map
+from token sequences to vectors: each word's embedding survives in the residual stream,
+and the relative-position attention mixes in its neighbours, so "red circle above blue
+square" and "blue circle above red square" give different sequences that the U-Net can
+learn to read. The default size is the result of `benchmarks/quality_sweep.py` (see
+docs/quickstart.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from collections.abc import Sequence
+
+from etils import epath
+
+from imagen_jax.errors import UserError
+
+DEFAULT_VOCAB_SIZE = 96
+# A two-object caption is 10 pieces + EOS; 16 leaves room for prompts a little outside
+# the grammar while keeping text attention short.
+DEFAULT_MAX_LENGTH = 16
+
+
+def shapes_corpus() -> list[str]:
+  """The training split's captions: the held-out split uses the same words, so the
+  tokenizer needs nothing from it (and never sees a held-out combination)."""
+  from imagen_jax.data import shapes
+  return shapes.all_captions("train")
+
+
+def train_bpe_sentencepiece(texts: Sequence[str], model_path: str | os.PathLike,
+                            vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
+  """Trains a BPE sentencepiece model with T5's ids (pad 0, EOS 1, unk 2, no BOS).
+
+  Deterministic (one thread, input in the given order). Returns the path written.
+  """
+  import sentencepiece as spm
+  texts = [t for t in texts if t.strip()]
+  if not texts:
+    raise UserError("train_bpe_sentencepiece got no non-empty text")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
+        shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
+  except RuntimeError as e:
+    raise UserError(f"sentencepiece training failed (vocab_size={vocab_size}): {e}") from e
+  path = epath.Path(model_path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(model.getvalue())
+  tmp.replace(path)
+  return os.fspath(path)
+
+
+def toy_t5_config(*, d_model: int = 64, num_layers: int = 2, num_heads: int = 4,
+                  d_ff: int | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE):
+  """A T5 v1.1-style (gated-GELU) encoder config of the given size."""
+  from imagen_jax.text import t5
+  if d_model % num_heads:
+    raise UserError(f"d_model={d_model} must be a multiple of num_heads={num_heads}")
+  return t5.T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // num_heads,
+                     d_ff=d_ff or 2 * d_model, num_layers=num_layers, num_heads=num_heads,
+                     feed_forward_proj="gated-gelu")
+
+
+def make_toy_text_assets(out: str | os.PathLike, *, d_model: int = 64, num_layers: int = 2,
+                         num_heads: int = 4, d_ff: int | None = None,
+                         vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0) -> str:
+  """Writes `out/{config.json, model.safetensors, spiece.model}`; returns `out`."""
+  from imagen_jax.text import t5, vocab
+  out = epath.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  sp_path = train_bpe_sentencepiece(shapes_corpus(), out / "spiece.model", vocab_size)
+  processor = vocab.load_vocabulary(sp_path).tokenizer  # checks the T5 ids
+  pieces = processor.get_piece_size()
+  config = toy_t5_config(d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                         d_ff=d_ff, vocab_size=pieces)
+  t5.save_random_encoder(out, config, seed=seed)  # spiece.model is already in place
+  return os.fspath(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+      prog="python -m imagen_jax.text.toy",
+      description="Writes the quickstart's sentencepiece model and random T5 encoder.")
+  parser.add_argument("--out", required=True, help="output directory (HF T5 layout)")
+  parser.add_argument("--d_model", type=int, default=64)
+  parser.add_argument("--num_layers", type=int, default=2)
+  parser.add_argument("--num_heads", type=int, default=4)
+  parser.add_argument("--d_ff", type=int, default=None, help="default 2 * d_model")
+  parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    out = make_toy_text_assets(args.out, d_model=args.d_model, num_layers=args.num_layers,
+                               num_heads=args.num_heads, d_ff=args.d_ff,
+                               vocab_size=args.vocab_size, seed=args.seed)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"wrote a random T5 (d_model={args.d_model}, {args.num_layers} layers) and its "
+        f"sentencepiece model to {out}")
+
+
+if __name__ == "__main__":
+  main()

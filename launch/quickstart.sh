@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The quickstart: a small Imagen cascade trained and sampled end to end on a CPU, on the
+# built-in shapes data, in about 20 minutes on 2 cores.
+#
+#   ./launch/quickstart.sh [--smoke] [--t5=PATH] [OUT_DIR]       (OUT_DIR: runs/quickstart)
+#   T5_PATH=ckpt/t5-v1_1-small ./launch/quickstart.sh            (same as --t5=PATH)
+#
+# Phases (each prints a header with the elapsed time; the CLIs show progress bars):
+#   0. creates .venv if missing and installs the package (pip install -e ".[test]");
+#   1. text assets: a sentencepiece model of the shapes captions and a small T5 with fixed
+#      random weights (python -m imagen_jax.text.toy), unless --t5 names a real T5;
+#   2. imagen-embed: T5 embeddings of every shapes caption (training and held-out splits);
+#   3. imagen-train: the 16x16 base model (experiments/quickstart_base.gin);
+#   4. imagen-train: the 16->64 super-resolution model, trained on 32x32 crops
+#      (experiments/quickstart_sr.gin);
+#   5. imagen-sample: experiments/quickstart_prompts.txt through the cascade into
+#      OUT_DIR/samples/ (stage0/ 16 px, stage1/ 64 px, grid.png, index.jsonl);
+#   6. imagen-eval shapesbench: scores every image; prints one table per stage.
+#
+# --smoke: every phase with tiny models, a few steps and a few prompts (CI; ~2 minutes).
+# --t5=PATH (or T5_PATH=PATH): a Hugging Face T5 directory (config.json, model.safetensors,
+#   spiece.model), e.g. t5-v1_1-small converted as docs/text.md says. Its width becomes the
+#   models' TEXT_DIM and captions may take up to 32 of its tokens.
+# Rerunning with the same OUT_DIR resumes: finished phases are skipped or return at once
+# (training resumes from its last checkpoint, sampling skips images already written).
+# Extra environment: PYTHON (the interpreter that creates .venv, default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+
+me="quickstart.sh"
+usage() {
+  echo "usage: $me [--smoke] [--t5=PATH] [OUT_DIR]   (default OUT_DIR: runs/quickstart)" >&2
+  exit 2
+}
+die() { echo "$me: $*" >&2; exit 2; }
+
+smoke=0
+t5="${T5_PATH:-}"
+out=""
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) smoke=1 ;;
+    --t5=*) t5="${arg#--t5=}" ;;
+    -h|--help) usage ;;
+    -*) echo "$me: unknown option $arg" >&2; usage ;;
+    *) [ -z "$out" ] || usage; out="$arg" ;;
+  esac
+done
+out="${out:-runs/quickstart}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+
+start=$(date +%s)
+phase_name="start-up"
+phase_start=$start
+declare -a summary=()
+elapsed() { echo $(( $(date +%s) - $1 )); }
+end_phase() {
+  summary+=("$(printf '  %-36s %5ss' "$phase_name" "$(elapsed "$phase_start")")")
+}
+phase() {
+  [ "$phase_name" = "start-up" ] || end_phase
+  phase_name="$1"
+  phase_start=$(date +%s)
+  echo
+  echo "== [$(printf '%4s' "$(elapsed "$start")")s] $1"
+}
+on_error() {
+  local status=$?
+  echo >&2
+  echo "$me: FAILED in phase '$phase_name' (status $status, after $(elapsed "$start")s)." >&2
+  echo "$me: the error is printed above; fix it and rerun the same command to resume" \
+       "(finished work in $out is kept)." >&2
+  exit "$status"
+}
+trap on_error ERR
+
+# ---- 0. environment
+phase "0. environment (.venv)"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  command -v "$PYTHON" >/dev/null || die "no $PYTHON found: install Python 3.11+ or set PYTHON"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.imagen_jax_installed
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+  echo "installing imagen-jax into .venv (first run only; a few minutes)"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[test]"
+  touch "$stamp"
+fi
+bin="$ROOT/.venv/bin"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
+# Compiled programs are kept, so a second run skips most compilation.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$ROOT/.cache/jax}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}"
+echo "python: $("$bin/python" --version 2>&1); output: $out"
+
+# ---- 1. text encoder
+phase "1. text encoder"
+if [ -n "$t5" ]; then
+  [ -f "$t5/config.json" ] || die "--t5=$t5 is not a T5 directory (no config.json)"
+  [ -f "$t5/spiece.model" ] || die "--t5=$t5 has no spiece.model (the T5 tokenizer)"
+  t5="$(cd "$t5" && pwd)"
+  max_length=32
+  echo "using the T5 in $t5"
+else
+  t5="$out/t5"
+  max_length=16   # the longest shapes caption is 10 pieces + EOS with the toy tokenizer
+  if [ -f "$t5/model.safetensors" ]; then
+    echo "reusing $t5"
+  else
+    "$bin/python" -m imagen_jax.text.toy --out="$t5"
+  fi
+  echo "NOTE: this T5 has random weights (no pretrained T5 is downloaded); see docs/quickstart.md"
+fi
+text_dim="$("$bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["d_model"])' "$t5/config.json")"
+
+# ---- 2. embedding cache
+phase "2. caption embeddings (imagen-embed)"
+cache="$out/cache"
+for split in shapes shapes:held_out; do
+  "$bin/imagen-embed" --gin_file=runs/embed.gin --gin.DATASET="'$split'" \
+    --gin.CACHE_DIR="'$cache'" --gin.T5_PATH="'$t5'" --gin.MAX_LENGTH="$max_length"
+done
+
+# ---- smoke: tiny models, a few steps
+base_args=() sr_args=() sample_args=()
+prompts="$ROOT/gin_configs/experiments/quickstart_prompts.txt"
+if [ "$smoke" = 1 ]; then
+  echo "(smoke: tiny models, a few steps)"
+  base_args=(--gin.TRAIN_STEPS=4 --gin.BATCH_SIZE=8 --gin.UNet.model_channels=16
+             "--gin.UNet.channel_mult=(1, 2)" --gin.UNet.num_res_blocks=1
+             "--gin.UNet.attention_resolutions=(8,)" --gin.UNet.head_dim=16
+             --gin.train.checkpoint_every=4 --gin.train.log_every=2)
+  sr_args=(--gin.TRAIN_STEPS=3 --gin.BATCH_SIZE=8 --gin.EfficientUNet.model_channels=16
+           "--gin.EfficientUNet.channel_mult=(1, 2)" "--gin.EfficientUNet.num_res_blocks=(1, 1)"
+           --gin.EfficientUNet.head_dim=16 --gin.train.checkpoint_every=3
+           --gin.train.log_every=1)
+  sample_args=(--gin.base/Stage.num_steps=3 --gin.sr/Stage.num_steps=2)
+  # Two one-object and two two-object training prompts, and two held-out ones.
+  sed -n '1,2p;13,14p;50,51p' "$prompts" > "$out/smoke_prompts.txt"
+  prompts="$out/smoke_prompts.txt"
+fi
+
+# ---- 3. base model
+phase "3. base model 16x16 (imagen-train)"
+"$bin/imagen-train" --gin_file=experiments/quickstart_base.gin \
+  --gin.MODEL_DIR="'$out/base'" --gin.CACHE_DIR="'$cache'" --gin.TEXT_DIM="$text_dim" \
+  ${base_args[@]+"${base_args[@]}"}
+
+# ---- 4. super-resolution model
+phase "4. SR model 16->64 (imagen-train)"
+"$bin/imagen-train" --gin_file=experiments/quickstart_sr.gin \
+  --gin.MODEL_DIR="'$out/sr'" --gin.CACHE_DIR="'$cache'" --gin.TEXT_DIM="$text_dim" \
+  ${sr_args[@]+"${sr_args[@]}"}
+
+# ---- 5. sampling
+phase "5. sampling (imagen-sample)"
+"$bin/imagen-sample" --gin_file=experiments/quickstart_sample.gin \
+  --prompts="$prompts" --out_dir="$out/samples" --cache_dir="$cache" \
+  --gin.BASE_DIR="'$out/base'" --gin.SR_DIR="'$out/sr'" --gin.T5_PATH="'$t5'" \
+  --gin.MAX_LENGTH="$max_length" ${sample_args[@]+"${sample_args[@]}"}
+
+# ---- 6. evaluation
+phase "6. ShapesBench (imagen-eval)"
+"$bin/imagen-eval" shapesbench --samples="$out/samples"
+
+end_phase
+trap - ERR
+echo
+echo "== quickstart finished in $(elapsed "$start")s"
+printf '%s\n' "${summary[@]}"
+echo "samples: $out/samples/grid.png (prompts under each image), stage0/ 16 px, stage1/ 64 px"
+echo "scores:  $out/samples/shapesbench.json"

@@ -1,0 +1,131 @@
+"""The quickstart: its text assets (imagen_jax.text.toy), its prompts, and the whole
+`launch/quickstart.sh --smoke` path (every phase, tiny models, a few steps)."""
+
+import json
+import os
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+
+from imagen_jax.data import shapes
+from imagen_jax.errors import UserError
+from imagen_jax.text import toy, vocab
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "gin_configs" / "experiments" / "quickstart_prompts.txt"
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+  return pathlib.Path(toy.make_toy_text_assets(tmp_path_factory.mktemp("toy") / "t5"))
+
+
+def test_toy_assets_are_deterministic(toy_dir, tmp_path):
+  again = pathlib.Path(toy.make_toy_text_assets(tmp_path / "t5"))
+  for name in ("config.json", "model.safetensors", "spiece.model"):
+    assert (toy_dir / name).read_bytes() == (again / name).read_bytes(), name
+  other_seed = pathlib.Path(toy.make_toy_text_assets(tmp_path / "t5_seed1", seed=1))
+  assert (other_seed / "model.safetensors").read_bytes() != (
+      toy_dir / "model.safetensors").read_bytes()
+
+
+def test_toy_tokenizer_keeps_grammar_words_whole(toy_dir):
+  v = vocab.load_vocabulary(toy_dir / "spiece.model")
+  sp = v.tokenizer
+  assert (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2)
+  words = sorted({w for c in shapes.all_captions("train") for w in c.split()})
+  for word in words:
+    assert len(sp.encode(word)) == 1, (word, sp.encode(word, out_type=str))
+  captions = shapes.all_captions("train") + shapes.all_captions("held_out")
+  tokens = vocab.tokenize(v, captions, max_length=toy.DEFAULT_MAX_LENGTH)
+  assert not tokens.truncated
+  assert (tokens.ids != 2).all()  # no <unk>, held-out captions included
+  assert tokens.mask.sum(1).max() == 11  # 10 words + EOS
+  # "blue" and "purple" (unknown letters for seqio's test model) are distinct pieces.
+  assert sp.encode("blue") != sp.encode("purple")
+  # A word outside the grammar made of the corpus' letters is spelled, not dropped.
+  assert 2 not in sp.encode("a pale dog") and len(sp.encode("dog")) > 1
+
+
+def test_toy_encoder_loads_and_separates_captions(toy_dir):
+  from imagen_jax.text.encode import TextEncoder
+  config = json.loads((toy_dir / "config.json").read_text())
+  assert config["d_model"] == 64 and config["vocab_size"] == 96
+  enc = TextEncoder.load(toy_dir, max_length=toy.DEFAULT_MAX_LENGTH, batch_size=8)
+  caps = ["a red circle above a blue square", "a blue circle above a red square",
+          "a red circle below a blue square"]
+  emb, mask = enc.encode(caps)
+  assert emb.shape == (3, toy.DEFAULT_MAX_LENGTH, 64) and mask.sum(1).tolist() == [8, 8, 8]
+  assert np.isfinite(emb).all()
+  # Swapped colours and a changed relation give different embeddings.
+  assert np.abs(emb[0] - emb[1]).max() > 0.1 and np.abs(emb[0] - emb[2]).max() > 0.1
+
+
+def test_toy_bad_input(tmp_path):
+  with pytest.raises(UserError, match="num_heads"):
+    toy.toy_t5_config(d_model=30, num_heads=4)
+  with pytest.raises(UserError, match="no non-empty"):
+    toy.train_bpe_sentencepiece(["", "  "], tmp_path / "sp.model")
+
+
+def test_prompts_file():
+  prompts = [l for l in PROMPTS.read_text().splitlines() if l.strip()]
+  assert 40 <= len(prompts) <= 60
+  parsed = [shapes.parse_caption(p) for p in prompts]
+  held = [p for p in prompts if shapes.is_held_out(p)]
+  one = [p for p, c in zip(prompts, parsed) if c.relation is None]
+  assert len(held) >= 8 and len(one) >= 8
+  for relation in shapes.RELATIONS:
+    assert any(c.relation == relation for c in parsed), relation
+  for color in shapes.COLORS:
+    assert any(color in p.split() for p in prompts), color
+
+
+def _quickstart(*args, env=None, timeout=900):
+  env = dict(os.environ if env is None else env)
+  # The quickstart runs as a user runs it: one CPU device, not the tests' 8 simulated ones.
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([str(ROOT / "launch" / "quickstart.sh"), *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_quickstart_bad_arguments(tmp_path):
+  result = _quickstart("--bogus", str(tmp_path / "out"))
+  assert result.returncode == 2 and "unknown option --bogus" in result.stderr
+  result = _quickstart(f"--t5={tmp_path / 'missing'}", str(tmp_path / "out"))
+  assert result.returncode == 2 and "is not a T5 directory" in result.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_runs_every_phase(tmp_path):
+  out = tmp_path / "qs"
+  result = _quickstart("--smoke", str(out))
+  log = result.stdout + result.stderr
+  assert result.returncode == 0, log[-4000:]
+  for header in ("1. text encoder", "2. caption embeddings", "3. base model", "4. SR model",
+                 "5. sampling", "6. ShapesBench", "quickstart finished"):
+    assert header in result.stdout, header
+  assert "ShapesBench, stage 0 (16px)" in result.stdout
+  assert "ShapesBench, stage 1 (64px)" in result.stdout
+  samples = out / "samples"
+  rows = [json.loads(l) for l in (samples / "index.jsonl").read_text().splitlines()]
+  prompts = (out / "smoke_prompts.txt").read_text().splitlines()
+  assert sorted((r["stage"], r["prompt"]) for r in rows) == sorted(
+      (s, p) for s in (0, 1) for p in prompts)
+  from PIL import Image
+  for r in rows:
+    size = Image.open(samples / r["file"]).size
+    assert size == ((16, 16) if r["stage"] == 0 else (64, 64)), (r["file"], size)
+  assert (samples / "grid.png").exists()
+  bench = json.loads((samples / "shapesbench.json").read_text())
+  assert bench["n_scored"] == 2 * len(prompts)
+  for stage in bench["stages"].values():
+    assert {"train", "held_out"} <= set(stage), stage
+  # Both stages were trained on the quickstart's random T5 (its width, its identity).
+  cache = json.loads((out / "cache" / "manifest.json").read_text())
+  for stage, size in (("base", 16), ("sr", 64)):
+    info = json.loads((out / stage / "model.json").read_text())
+    assert info["image_size"] == size and info["text_dim"] == 64
+    assert info["encoder"]["weights_sha256"] == cache["encoder"]["weights_sha256"]

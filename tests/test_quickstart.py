@@ -67,7 +67,7 @@ def test_toy_bad_input(tmp_path):
   with pytest.raises(UserError, match="num_heads"):
     toy.toy_t5_config(d_model=30, num_heads=4)
   with pytest.raises(UserError, match="no non-empty"):
-    toy.train_bpe_sentencepiece(["", "  "], tmp_path / "sp.model")
+    vocab.train_sentencepiece(["", "  "], tmp_path / "sp.model", 96, model_type="bpe")
 
 
 def test_prompts_file():

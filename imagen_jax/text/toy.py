@@ -7,10 +7,10 @@ T5 encoder with fixed random weights (no pretrained T5 can be downloaded here).
 
 Deterministic: the same flags give byte-identical files.
 
-The tokenizer. `vocab.train_sentencepiece` trains a unigram model, and on this small,
+The tokenizer. `vocab.train_sentencepiece` trains a unigram model by default, and on this small,
 repetitive corpus sentencepiece's unigram seeding finds only ~28 candidate pieces, so
 colour words come out spelled letter by letter ("▁b l u e", "▁ p u r p le"): 18 pieces
-for a two-object caption. A BPE model with 96 pieces, trained with the same T5 ids
+for a two-object caption. A BPE model with 96 pieces (`model_type="bpe"`), with the same T5 ids
 (pad 0, EOS 1, unk 2, no BOS), keeps every word of the grammar whole (a two-object caption
 is 10 pieces plus EOS) and still spells unknown words with single characters, so a prompt
 outside the grammar tokenizes without `<unk>` as long as its letters occur in the corpus.
@@ -28,7 +28,6 @@ docs/quickstart.md).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from collections.abc import Sequence
@@ -50,33 +49,6 @@ def shapes_corpus() -> list[str]:
   return shapes.all_captions("train")
 
 
-def train_bpe_sentencepiece(texts: Sequence[str], model_path: str | os.PathLike,
-                            vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
-  """Trains a BPE sentencepiece model with T5's ids (pad 0, EOS 1, unk 2, no BOS).
-
-  Deterministic (one thread, input in the given order). Returns the path written.
-  """
-  import sentencepiece as spm
-  texts = [t for t in texts if t.strip()]
-  if not texts:
-    raise UserError("train_bpe_sentencepiece got no non-empty text")
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
-        shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
-  except RuntimeError as e:
-    raise UserError(f"sentencepiece training failed (vocab_size={vocab_size}): {e}") from e
-  path = epath.Path(model_path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(model.getvalue())
-  tmp.replace(path)
-  return os.fspath(path)
-
-
 def toy_t5_config(*, d_model: int = 64, num_layers: int = 2, num_heads: int = 4,
                   d_ff: int | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE):
   """A T5 v1.1-style (gated-GELU) encoder config of the given size."""
@@ -95,7 +67,8 @@ def make_toy_text_assets(out: str | os.PathLike, *, d_model: int = 64, num_layer
   from imagen_jax.text import t5, vocab
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  sp_path = train_bpe_sentencepiece(shapes_corpus(), out / "spiece.model", vocab_size)
+  sp_path = vocab.train_sentencepiece(shapes_corpus(), out / "spiece.model", vocab_size,
+                                      model_type="bpe")
   processor = vocab.load_vocabulary(sp_path).tokenizer  # checks the T5 ids
   pieces = processor.get_piece_size()
   config = toy_t5_config(d_model=d_model, num_layers=num_layers, num_heads=num_heads,

@@ -86,8 +86,11 @@ def tokenize(vocab, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) 
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str | os.PathLike,
-                        vocab_size: int) -> str:
-  """Trains a unigram sentencepiece model with T5's ids (pad 0, EOS 1, unk 2, no BOS).
+                        vocab_size: int, model_type: str = "unigram") -> str:
+  """Trains a sentencepiece model with T5's ids (pad 0, EOS 1, unk 2, no BOS).
+
+  `model_type` is sentencepiece's: "unigram" (T5's) or "bpe", which keeps whole words as
+  pieces on a tiny corpus where unigram spells them letter by letter (the quickstart's).
 
   Deterministic: the same texts and vocab_size give a byte-identical model (one thread, no
   sampling or shuffling of the input). `vocab_size` is an upper bound: a small corpus may
@@ -104,11 +107,12 @@ def train_sentencepiece(texts: Iterable[str], model_path: str | os.PathLike,
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
         shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
   except RuntimeError as e:
-    raise UserError(f"sentencepiece training failed: {e}") from e
+    raise UserError(f"sentencepiece training failed (vocab_size={vocab_size}, "
+                    f"model_type={model_type!r}): {e}") from e
   path = epath.Path(model_path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")

@@ -51,11 +51,15 @@ from imagen_jax.train import step as step_lib  # noqa: E402
 
 
 def ensure_text(work: str, *, d_model: int, num_layers: int, num_heads: int,
-                max_length: int) -> str:
-  """A random T5 of the given size and a cache of every shapes caption; -> cache dir."""
+                max_length: int, t5_dir: str = "") -> str:
+  """A random T5 of the given size (or the T5 in `t5_dir`) and a cache of every shapes
+  caption; -> cache dir."""
   from imagen_jax.text.encode import TextEncoder
-  tag = f"t5_d{d_model}_l{num_layers}_h{num_heads}"
-  t5_dir = os.path.join(work, tag)
+  if t5_dir:
+    tag = "t5_" + os.path.basename(os.path.normpath(t5_dir))
+  else:
+    tag = f"t5_d{d_model}_l{num_layers}_h{num_heads}"
+    t5_dir = os.path.join(work, tag)
   cache_dir = os.path.join(work, f"cache_{tag}_L{max_length}")
   if not os.path.exists(os.path.join(t5_dir, "model.safetensors")):
     toy.make_toy_text_assets(t5_dir, d_model=d_model, num_layers=num_layers,
@@ -141,6 +145,7 @@ def main(argv=None):
   p.add_argument("--ema", type=float, default=0.999)
   p.add_argument("--objective", default="eps")
   p.add_argument("--weighting", default="none")
+  p.add_argument("--min_snr_gamma", type=float, default=5.0)
   p.add_argument("--cond_drop", type=float, default=0.1)
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--mult", default="1,2,2")
@@ -149,6 +154,9 @@ def main(argv=None):
   p.add_argument("--head_dim", type=int, default=32)
   p.add_argument("--groups", type=int, default=8)
   p.add_argument("--t5", default="64,2,4", help="d_model,layers,heads of the random T5")
+  p.add_argument("--text_positions", type=int, default=0,
+                 help="UNet.text_positions: learned text position embeddings (0: none)")
+  p.add_argument("--t5_dir", default="", help="use this T5 directory instead of --t5")
   p.add_argument("--max_length", type=int, default=16)
   p.add_argument("--samplers", default="dpmpp_2m:25:static:3")
   p.add_argument("--n_eval", type=int, default=80)
@@ -161,7 +169,7 @@ def main(argv=None):
 
   d_model, layers_, heads = (int(v) for v in args.t5.split(","))
   cache_dir = ensure_text(args.work, d_model=d_model, num_layers=layers_, num_heads=heads,
-                          max_length=args.max_length)
+                          max_length=args.max_length, t5_dir=args.t5_dir)
   cache = cache_lib.EmbeddingCache.open(cache_dir)
   pipe = Pipeline("shapes", cache, image_size=16, global_batch_size=args.batch,
                   seed=args.seed, max_length=args.max_length)
@@ -170,7 +178,8 @@ def main(argv=None):
                channel_mult=tuple(int(v) for v in args.mult.split(",")),
                num_res_blocks=args.blocks,
                attention_resolutions=tuple(int(v) for v in args.attn.split(",") if v),
-               head_dim=args.head_dim, num_groups=args.groups, rngs=nnx.Rngs(args.seed))
+               head_dim=args.head_dim, num_groups=args.groups,
+               text_positions=args.text_positions, rngs=nnx.Rngs(args.seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   sched = lambda s: optim.lr_schedule(s, peak_lr=args.lr, warmup_steps=args.warmup,
@@ -179,6 +188,7 @@ def main(argv=None):
   opt_state = tx.init(params)
   ema = jax.tree.map(jnp.copy, params)
   loss_cfg = step_lib.LossConfig(objective=args.objective, weighting=args.weighting,
+                                 min_snr_gamma=args.min_snr_gamma,
                                  cond_drop_prob=args.cond_drop)
 
   @jax.jit
@@ -191,7 +201,8 @@ def main(argv=None):
       m = nnx.merge(graphdef, params, rest)
       fn = lambda x, l, **c: m(x, l, c["text_emb"], c["text_mask"], train=True)
       return diffusion.loss_at(fn, x0, log_snr, noise, objective=args.objective,
-                               weighting=args.weighting, **cond).mean()
+                               weighting=args.weighting, min_snr_gamma=args.min_snr_gamma,
+                               **cond).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)

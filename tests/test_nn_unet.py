@@ -228,6 +228,36 @@ def test_bfloat16_compute_keeps_float32_params(base, base_reference):
   assert 1e-4 < err < 0.1
 
 
+def _reverse_tokens(batch):
+  """Each caption's real tokens in reverse order (padding stays where it is)."""
+  text = batch["text_emb"].copy()
+  for row, n in enumerate(batch["text_mask"].sum(axis=1)):
+    text[row, :n] = text[row, :n][::-1]
+  return dict(batch, text_emb=text)
+
+
+def test_text_positions_make_the_model_see_word_order(base, base_reference):
+  """Without `text_positions` the U-Net reads the text as a set (Imagen relies on T5 for
+  order): reversing the tokens changes nothing. With learned positions it changes the
+  output; padding still does not, and text longer than the table is a UserError."""
+  batch, out, _ = base_reference
+  reversed_batch = _reverse_tokens(batch)
+  np.testing.assert_allclose(np.asarray(forward(*base, reversed_batch)), np.asarray(out),
+                             rtol=1e-5, atol=1e-5)
+  positional = random_model(UNet, **dict(BASE, text_positions=16))
+  out_pos = np.asarray(forward(*positional, batch))
+  out_rev = np.asarray(forward(*positional, reversed_batch))
+  # Rows 0, 2, 3 have captions (of 5, 3 and 7 tokens); row 1 is a dropped caption.
+  for row in (0, 2, 3):
+    assert np.abs(out_rev[row] - out_pos[row]).max() > 1e-3
+  np.testing.assert_allclose(out_rev[1], out_pos[1], rtol=1e-5, atol=1e-6)
+  short = {k: (v[:, :8] if k.startswith("text") else v) for k, v in batch.items()}
+  np.testing.assert_allclose(np.asarray(forward(*positional, short)), out_pos,
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(UserError, match="text_positions=16"):
+    forward(*positional, repad(batch, 17))
+
+
 def test_base_rejects_bad_inputs(base):
   model = nnx.merge(*base)
   batch = make_batch()

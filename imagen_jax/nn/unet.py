@@ -83,7 +83,7 @@ class _ConditionedUNet(nnx.Module):
   channels: int
 
   def _init_conditioning(self, *, model_channels: int, emb_dim: int, head_dim: int,
-                         dtype: Any, rngs: nnx.Rngs) -> None:
+                         text_positions: int, dtype: Any, rngs: nnx.Rngs) -> None:
     self.time_embed = layers.NoiseLevelEmbedding(model_channels, emb_dim, dtype=dtype,
                                                  rngs=rngs)
     # The text is layer-normed once, projected to the model width once, and each
@@ -91,6 +91,15 @@ class _ConditionedUNet(nnx.Module):
     self.text_norm = layers.layer_norm(self.text_dim, rngs=rngs)
     self.text_proj = layers.dense(self.text_dim, model_channels, ("text_embed", "embed"),
                                   dtype=dtype, rngs=rngs)
+    # Optional learned absolute positions of the text tokens, added after the projection.
+    # Imagen has none: a trained T5 already encodes word order. An encoder that encodes
+    # it weakly (the quickstart's random T5) leaves attention a bag of words, where "a red
+    # circle above a blue square" and "a blue square above a red circle" look alike.
+    self.text_positions = text_positions
+    init = layers.partitioned(nnx.initializers.normal(model_channels ** -0.5),
+                              ("length", "embed"))
+    self.text_position = (nnx.Param(init(rngs.params(), (text_positions, model_channels)))
+                          if text_positions else None)
     self.text_pool = AttentionPool(model_channels, emb_dim, head_dim=head_dim, dtype=dtype,
                                    rngs=rngs)
 
@@ -115,6 +124,11 @@ class _ConditionedUNet(nnx.Module):
       raise UserError(f"{name} expects text_emb [{b}, L, {self.text_dim}] (text_dim "
                       f"{self.text_dim}), got {text_emb.shape}; set the model's text_dim "
                       "(gin macro TEXT_DIM) to the text encoder's width")
+    if self.text_positions and text_emb.shape[1] > self.text_positions:
+      raise UserError(f"{name} has text_positions={self.text_positions} (learned text "
+                      f"positions) but got {text_emb.shape[1]} text tokens; embed with "
+                      f"max_length <= {self.text_positions} or build the model with "
+                      "text_positions >= the text length")
     if text_mask.shape != text_emb.shape[:2]:
       raise UserError(f"{name}: text_mask must have shape {text_emb.shape[:2]}, got "
                       f"{text_mask.shape}")
@@ -126,6 +140,8 @@ class _ConditionedUNet(nnx.Module):
     # Padding holds anything (zeros from the cache); zero it so it can never leak.
     text = jnp.where(mask[..., None], text_emb.astype(jnp.float32), 0.0)
     text = self.text_proj(self.text_norm(text).astype(self.dtype))
+    if self.text_position is not None:
+      text = text + self.text_position[:text.shape[1]].astype(self.dtype)
     emb = self.time_embed(log_snr) + self.text_pool(text, mask)
     return emb, text, mask
 
@@ -147,8 +163,8 @@ class UNet(_ConditionedUNet):
                model_channels: int = 512, channel_mult: Sequence[int] = (1, 2, 3, 4),
                num_res_blocks: int = 3, attention_resolutions: Sequence[int] = (32, 16, 8),
                head_dim: int = 64, dropout: float = 0.0, num_groups: int = 32,
-               emb_mult: int = 4, dtype: Any = "float32", remat: bool = False,
-               rngs: nnx.Rngs):
+               emb_mult: int = 4, text_positions: int = 0, dtype: Any = "float32",
+               remat: bool = False, rngs: nnx.Rngs):
     rngs = layers.local_rngs(rngs)
     self.image_size = image_size
     self.lowres_size = None
@@ -164,7 +180,8 @@ class UNet(_ConditionedUNet):
     dt = self.dtype
     emb_dim = emb_mult * model_channels
     self._init_conditioning(model_channels=model_channels, emb_dim=emb_dim,
-                            head_dim=head_dim, dtype=dt, rngs=rngs)
+                            head_dim=head_dim, text_positions=text_positions, dtype=dt,
+                            rngs=rngs)
 
     def res(cin, cout, resample=None):
       return layers.ResBlock(cin, cout, emb_dim, num_groups=num_groups, dropout=dropout,
@@ -288,7 +305,8 @@ class EfficientUNet(_ConditionedUNet):
                num_res_blocks: Sequence[int] = (2, 4, 8, 8), self_attention: bool = True,
                cross_attention: bool = True, head_dim: int = 64, dropout: float = 0.0,
                num_groups: int = 32, emb_mult: int = 4, skip_scale: float = 2 ** -0.5,
-               dtype: Any = "float32", remat: bool = False, rngs: nnx.Rngs):
+               text_positions: int = 0, dtype: Any = "float32", remat: bool = False,
+               rngs: nnx.Rngs):
     if len(num_res_blocks) != len(channel_mult):
       raise UserError(f"EfficientUNet num_res_blocks {tuple(num_res_blocks)} needs one "
                       f"count per level of channel_mult {tuple(channel_mult)}")
@@ -309,7 +327,8 @@ class EfficientUNet(_ConditionedUNet):
     dt = self.dtype
     emb_dim = emb_mult * model_channels
     self._init_conditioning(model_channels=model_channels, emb_dim=emb_dim,
-                            head_dim=head_dim, dtype=dt, rngs=rngs)
+                            head_dim=head_dim, text_positions=text_positions, dtype=dt,
+                            rngs=rngs)
     self.lowres_embed = layers.NoiseLevelEmbedding(model_channels, emb_dim, dtype=dt,
                                                    rngs=rngs)
 

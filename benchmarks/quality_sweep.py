@@ -99,6 +99,8 @@ def score(images: np.ndarray, prompts: list[str]) -> dict:
         "relation": float(np.mean(rel)) if rel else None,
         "overall": float(np.mean([r["color"] and r["shape"] and r["relation"] is not False
                                   for r in rs])),
+        "relation_outcomes": {k: sum(r["relation_outcome"] == k for r in rs)
+                              for k in shapesbench.RELATION_OUTCOMES},
         "n": len(rs)}
   return out
 
@@ -273,7 +275,8 @@ def main(argv=None):
           print(f"[{args.name}] step {step + 1} {cfg['method']}:{cfg['num_steps']}:"
                 f"{cfg['thresholding']}:{cfg['guidance_scale']} train colour "
                 f"{tr['color']:.2f} rel {tr['relation']:.2f} shape {tr['shape']:.2f} "
-                f"overall {tr['overall']:.2f} | held-out colour {ho.get('color', 0):.2f} "
+                f"overall {tr['overall']:.2f} {tr['relation_outcomes']} | "
+                f"held-out colour {ho.get('color', 0):.2f} "
                 f"rel {ho.get('relation') or 0:.2f} | sample {sample_s:.0f}s", flush=True)
       if step + 1 == eval_steps[-1] and not args.no_eval:
         np.save(os.path.join(args.out, f"{args.name}_samples.npy"), images)

@@ -68,6 +68,8 @@ def test_flipped_relation_fails(renders_16):
       results.append(shapesbench.check_image(image, flipped))
   assert len(results) > 60
   assert sum(r["relation"] for r in results) / len(results) <= 0.02
+  # Diagnosed as the roles swapped, not as a wrong axis or a missing object.
+  assert sum(r["relation_outcome"] == "reversed" for r in results) / len(results) >= 0.98
   assert sum(r["overall"] for r in results) / len(results) <= 0.02
   # Colours and shapes are still right: only the relation is wrong.
   assert sum(r["color"] and r["shape"] for r in results) / len(results) >= 0.98
@@ -81,6 +83,8 @@ def test_pure_noise_scores_near_zero(resolution):
              for s in _scenes(40, seed=3)]
   for key in ("color", "shape", "relation", "overall"):
     assert sum(bool(r[key]) for r in results) / len(results) <= 0.05, key
+  outcomes = [r["relation_outcome"] for r in results if r["relation_outcome"] is not None]
+  assert len(outcomes) > 10 and outcomes.count("not_found") / len(outcomes) >= 0.9
 
 
 def test_wrong_or_swapped_colours_fail(renders_16):
@@ -164,6 +168,9 @@ def test_evaluate_dir_groups_by_stage_and_split(tmp_path):
   base, sr = results["stages"]["0"], results["stages"]["1"]
   assert base["train"]["n"] == 2 and base["held_out"]["n"] == 1
   assert base["train"]["relation"] == 0.0 and base["train"]["n_relation"] == 1
+  assert base["train"]["relation_outcomes"] == {"ok": 0, "reversed": 1,
+                                                "wrong_axis_or_close": 0, "not_found": 0}
+  assert sr["train"]["relation_outcomes"]["ok"] == 1
   assert base["train"]["color"] == 1.0 and base["train"]["overall"] == 0.5
   assert sr["train"]["overall"] == 1.0 and sr["held_out"]["overall"] == 1.0
   assert sr["resolution"] == [64]
@@ -172,6 +179,7 @@ def test_evaluate_dir_groups_by_stage_and_split(tmp_path):
   table = shapesbench.format_table(results)
   assert "stage 0" in table and "stage 1" in table and "held_out" in table
   assert "skipped 2" in table
+  assert "train relations: 0 ok, 1 reversed, 0 wrong axis or too close" in table
 
 
 def test_cli_end_to_end(tmp_path, capsys):

@@ -59,6 +59,13 @@ ANALYSIS_RESOLUTION = 32
 BLURS = (0.0, 0.5, 0.8, 1.1)
 
 CATEGORIES = ("color", "relation", "shape", "overall")
+# Why a two-object image passes or fails the relation check (`check_image`'s
+# "relation_outcome"): both objects found and in the named direction; found, but the
+# relation holds the other way round (the objects' roles swapped); found, but on the
+# other axis or too close together; an object (a colour blob) not found.
+RELATION_OUTCOMES = ("ok", "reversed", "wrong_axis_or_close", "not_found")
+_OPPOSITE = {"above": "below", "below": "above", "to the left of": "to the right of",
+             "to the right of": "to the left of"}
 SPLITS = ("train", "held_out")
 
 
@@ -207,7 +214,8 @@ def check_image(image: np.ndarray, caption: str) -> dict[str, Any]:
   """Scores one image against a caption of the shapes grammar.
 
   Returns booleans `color`, `shape`, `relation` (None for one-object captions) and
-  `overall`, plus `detail` (the measured values, for debugging). UserError if the caption
+  `overall`, `relation_outcome` (one of RELATION_OUTCOMES, None for one object), plus
+  `detail` (the measured values, for debugging). UserError if the caption
   is outside the grammar or the image is not uint8 [H, H, 3] (RGBA: alpha is dropped).
   """
   parsed = shapes.parse_caption(caption)
@@ -235,14 +243,21 @@ def check_image(image: np.ndarray, caption: str) -> dict[str, Any]:
   shape_ok = all(o["found"] and o["best_shape"] == shape
                  and o["shape_scores"][shape] >= MIN_SHAPE_IOU
                  for o, (_, shape) in zip(objects, parsed.objects))
-  relation_ok = None
+  outcome = None
   if parsed.relation is not None:
-    relation_ok = (all(o["found"] for o in objects)
-                   and _relation_holds(parsed.relation, *objects))
+    if not all(o["found"] for o in objects):
+      outcome = "not_found"
+    elif _relation_holds(parsed.relation, *objects):
+      outcome = "ok"
+    elif _relation_holds(_OPPOSITE[parsed.relation], *objects):
+      outcome = "reversed"
+    else:
+      outcome = "wrong_axis_or_close"
+  relation_ok = None if outcome is None else outcome == "ok"
   overall = color_ok and shape_ok and relation_ok is not False
-  return {"color": bool(color_ok), "shape": bool(shape_ok),
-          "relation": None if relation_ok is None else bool(relation_ok),
-          "overall": bool(overall), "detail": {"dominance": dominance, "objects": objects}}
+  return {"color": bool(color_ok), "shape": bool(shape_ok), "relation": relation_ok,
+          "relation_outcome": outcome, "overall": bool(overall),
+          "detail": {"dominance": dominance, "objects": objects}}
 
 
 def _read_index(samples_dir: epath.Path) -> list[dict[str, Any]]:
@@ -286,6 +301,8 @@ def _accuracies(rows: list[dict[str, Any]]) -> dict[str, Any]:
     values = [r[cat] for r in rows if r[cat] is not None]
     out[cat] = sum(values) / len(values) if values else None
   out["n_relation"] = sum(r["relation"] is not None for r in rows)
+  out["relation_outcomes"] = {k: sum(r["relation_outcome"] == k for r in rows)
+                              for k in RELATION_OUTCOMES}
   return out
 
 
@@ -293,7 +310,8 @@ def evaluate_dir(samples_dir: str | os.PathLike, *, progress: bool = True) -> di
   """Scores every image in `samples_dir/index.jsonl`; writes `samples_dir/shapesbench.json`.
 
   Returns {"stages": {stage: {"train"|"held_out": {color, relation, shape, overall (accuracy
-  in [0, 1], None when no image applies), n, n_relation}}}, "n_scored", "n_skipped",
+  in [0, 1], None when no image applies), n, n_relation, relation_outcomes (counts of
+  RELATION_OUTCOMES)}}}, "n_scored", "n_skipped",
   "skipped_prompts", "images": [per-image results]}. Rows whose prompt is outside the
   shapes grammar are skipped and counted, not errors.
   """
@@ -314,7 +332,7 @@ def evaluate_dir(samples_dir: str | os.PathLike, *, progress: bool = True) -> di
         "prompt_index": row.get("prompt_index"), "seed": row.get("seed"),
         "sample": row.get("sample"), "resolution": int(image.shape[0]),
         "split": "held_out" if held_out else "train",
-        **{k: result[k] for k in CATEGORIES}})
+        **{k: result[k] for k in (*CATEGORIES, "relation_outcome")}})
   stages: dict[str, Any] = {}
   # Stages in cascade order (imagen-sample numbers them 0 = base, 1, ...).
   for stage in sorted({r["stage"] for r in images},
@@ -345,6 +363,13 @@ def format_table(results: dict[str, Any]) -> str:
       acc = by_split[split]
       lines.append(f"{split:<9} {pct(acc['color']):>7} {pct(acc['relation']):>9} "
                    f"{pct(acc['shape']):>7} {pct(acc['overall']):>8} {acc['n']:>5}")
+    train = by_split["train"]
+    if train["n_relation"]:
+      counts = train["relation_outcomes"]
+      lines.append(f"train relations: {counts['ok']} ok, {counts['reversed']} reversed, "
+                   f"{counts['wrong_axis_or_close']} wrong axis or too close, "
+                   f"{counts['not_found']} with an object not found "
+                   f"(of {train['n_relation']})")
     lines.append("")
   if not results["stages"]:
     lines.append("ShapesBench: no image had a prompt of the shapes grammar")

@@ -88,21 +88,7 @@ def score(images: np.ndarray, prompts: list[str]) -> dict:
   for img, p in zip(images, prompts):
     r = shapesbench.check_image(img, p)
     rows["held_out" if shapes.is_held_out(p) else "train"].append(r)
-  out = {}
-  for split, rs in rows.items():
-    if not rs:
-      continue
-    rel = [r["relation"] for r in rs if r["relation"] is not None]
-    out[split] = {
-        "color": float(np.mean([r["color"] for r in rs])),
-        "shape": float(np.mean([r["shape"] for r in rs])),
-        "relation": float(np.mean(rel)) if rel else None,
-        "overall": float(np.mean([r["color"] and r["shape"] and r["relation"] is not False
-                                  for r in rs])),
-        "relation_outcomes": {k: sum(r["relation_outcome"] == k for r in rs)
-                              for k in shapesbench.RELATION_OUTCOMES},
-        "n": len(rs)}
-  return out
+  return {split: shapesbench.accuracies(rs) for split, rs in rows.items() if rs}
 
 
 def parse_sampler(spec: str) -> dict:

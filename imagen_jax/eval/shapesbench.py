@@ -295,7 +295,9 @@ def _load_image(path: epath.Path) -> np.ndarray:
     raise UserError(f"cannot read image {os.fspath(path)!r} listed in index.jsonl: {e}") from e
 
 
-def _accuracies(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def accuracies(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Summary of `check_image` results: the accuracy of each category (None when no row
+  applies), n, n_relation and the counts of each relation outcome."""
   out: dict[str, Any] = {"n": len(rows)}
   for cat in CATEGORIES:
     values = [r[cat] for r in rows if r[cat] is not None]
@@ -340,7 +342,7 @@ def evaluate_dir(samples_dir: str | os.PathLike, *, progress: bool = True) -> di
     in_stage = [r for r in images if r["stage"] == stage]
     stages[stage] = {"resolution": sorted({r["resolution"] for r in in_stage})}
     for split in SPLITS:
-      stages[stage][split] = _accuracies([r for r in in_stage if r["split"] == split])
+      stages[stage][split] = accuracies([r for r in in_stage if r["split"] == split])
   results = {"samples_dir": os.fspath(samples_dir), "n_scored": len(images),
              "n_skipped": sum(skipped.values()), "skipped_prompts": sorted(skipped),
              "stages": stages, "images": images}

@@ -78,18 +78,7 @@ trap on_error ERR
 
 # ---- 0. environment
 phase "0. environment (.venv)"
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  command -v "$PYTHON" >/dev/null || die "no $PYTHON found: install Python 3.11+ or set PYTHON"
-  "$PYTHON" -m venv .venv
-fi
-stamp=.venv/.imagen_jax_installed
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  echo "installing imagen-jax into .venv (first run only; a few minutes)"
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test]"
-  touch "$stamp"
-fi
+source launch/venv.sh
 bin="$ROOT/.venv/bin"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 # Compiled programs are kept, so a second run skips most compilation.

@@ -4,17 +4,7 @@
 #   ./launch/test.sh tests/test_diffusion_samplers.py -k ddim
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-# Reinstall only when setup.py changed since the last install.
-stamp=.venv/.imagen_jax_installed
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test]"
-  touch "$stamp"
-fi
+source launch/venv.sh
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export JAX_PLATFORMS=cpu
 export TF_CPP_MIN_LOG_LEVEL=3

@@ -144,6 +144,10 @@ def main(argv=None):
   p.add_argument("--t5", default="64,2,4", help="d_model,layers,heads of the random T5")
   p.add_argument("--text_positions", type=int, default=0,
                  help="UNet.text_positions: learned text position embeddings (0: none)")
+  p.add_argument("--text_layers", type=int, default=0,
+                 help="UNet.text_layers: trainable transformer layers over the text")
+  p.add_argument("--coord_channels", action="store_true",
+                 help="UNet.coord_channels: (y, x) coordinate input channels")
   p.add_argument("--t5_dir", default="", help="use this T5 directory instead of --t5")
   p.add_argument("--max_length", type=int, default=16)
   p.add_argument("--samplers", default="dpmpp_2m:25:static:3")
@@ -167,7 +171,8 @@ def main(argv=None):
                num_res_blocks=args.blocks,
                attention_resolutions=tuple(int(v) for v in args.attn.split(",") if v),
                head_dim=args.head_dim, num_groups=args.groups,
-               text_positions=args.text_positions, rngs=nnx.Rngs(args.seed))
+               text_positions=args.text_positions, text_layers=args.text_layers,
+               coord_channels=args.coord_channels, rngs=nnx.Rngs(args.seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   sched = lambda s: optim.lr_schedule(s, peak_lr=args.lr, warmup_steps=args.warmup,

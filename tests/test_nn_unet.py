@@ -18,6 +18,7 @@ from flax import nnx
 
 from imagen_jax.errors import UserError
 from imagen_jax.nn import EfficientUNet, UNet, layers, unet
+from imagen_jax.nn.attention import TextLayer
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import rules
 
@@ -256,6 +257,43 @@ def test_text_positions_make_the_model_see_word_order(base, base_reference):
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(UserError, match="text_positions=16"):
     forward(*positional, repad(batch, 17))
+
+
+def test_text_layer_relates_tokens_and_ignores_padding():
+  """A TextLayer makes each real token depend on the other real tokens (what a frozen
+  per-token projection cannot do) and never on padding; a dropped caption stays finite."""
+  layer = nnx.merge(*random_model(TextLayer, channels=8, head_dim=4, dtype=jnp.float32))
+  batch = make_batch()
+  text, mask = jnp.asarray(batch["text_emb"]), jnp.asarray(batch["text_mask"])
+  out = np.asarray(layer(text, mask))
+  assert np.isfinite(out).all()
+  # (Perturbations are random vectors: a constant shift would vanish in the layer norm.)
+  noise = jnp.asarray(np.random.default_rng(1).normal(size=text.shape), jnp.float32)
+  other_word = np.asarray(layer(text.at[0, 2].add(noise[0, 2]), mask))  # row 0: 5 tokens
+  assert np.abs(other_word[0, 0] - out[0, 0]).max() > 1e-3
+  junk = np.asarray(layer(text.at[0, 9].add(noise[0, 9]).at[2, 5:].add(3 * noise[2, 5:]),
+                          mask))
+  np.testing.assert_allclose(junk[0, :5], out[0, :5], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(junk[2, :3], out[2, :3], rtol=1e-6, atol=1e-6)
+
+
+def test_text_layers_keep_padding_and_order_invariance(base_reference):
+  """A U-Net with `text_layers` (and no text positions) still reads the text as a set:
+  padding with different junk or reversing the tokens leaves the output unchanged. The
+  layers are wired in: making them the identity changes the output."""
+  batch, _, _ = base_reference
+  graphdef, params, rest = random_model(UNet, **dict(BASE, text_layers=1))
+  layered = graphdef, params, rest
+  out_layers = np.asarray(forward(*layered, batch))
+  assert np.isfinite(out_layers).all()
+  identity = jax.tree.map(lambda x: x, params)
+  for name in ("attn_out", "mlp_out"):
+    kernel = identity["text_layers"][0][name]["kernel"]
+    kernel.set_value(jnp.zeros_like(kernel.get_value()))
+  out_identity = np.asarray(forward(graphdef, identity, rest, batch))
+  assert np.abs(out_identity - out_layers).max() > 1e-3
+  np.testing.assert_allclose(np.asarray(forward(*layered, _reverse_tokens(repad(batch, 24)))),
+                             out_layers, rtol=1e-5, atol=1e-5)
 
 
 def test_base_rejects_bad_inputs(base):

@@ -72,6 +72,24 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, reference):
   assert ref_metrics["val_loss"] != ref_metrics["val_loss_ema"]
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, reference,
+                                                                monkeypatch):
+  """train.max_minutes: past the deadline the loop stops at the next time check with a
+  checkpoint and status "time_limit"; running again finishes exactly like one run."""
+  _, ref, _ = reference
+  monkeypatch.setattr(loop, "TIME_CHECK_EVERY", 3)
+  out = _train(tmp_path, max_minutes=1e-9)  # past the deadline at the first check
+  assert out["status"] == "time_limit" and out["step"] == 3
+  checkpointer = ckpt_lib.Checkpointer(tmp_path)
+  assert checkpointer.latest_step() == 3
+  checkpointer.close()
+  resumed = _train(tmp_path, max_minutes=60.0)
+  assert resumed["status"] == "done" and resumed["step"] == STEPS
+  assert lib.params_equal(jax.device_get(resumed["state"]).params, ref.params)
+  with pytest.raises(loop.UserError, match="max_minutes must be > 0"):
+    _train(tmp_path / "bad", max_minutes=0)
+
+
 def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
   # The batch of step index 4 (the 5th step) carries NaN embeddings.
   with pytest.raises(loop.TrainingDiverged, match=r"at step 5.*last good checkpoint "

@@ -8,6 +8,8 @@
   stays fully convolutional.
 - `AttentionPool`: a learned query attending over the text tokens, giving the pooled
   text vector that Imagen adds to the time embedding (§2.2 and appendix F.1).
+- `TextLayer`: a trainable pre-LN transformer layer over the (projected) text tokens,
+  which the U-Nets can stack on top of the frozen encoder (`text_layers`; not in Imagen).
 
 Masked text positions get exactly zero weight, so padding never changes a result. Some
 key is always present (the image's own keys, or a learned null key and value when there
@@ -137,3 +139,38 @@ class AttentionPool(nnx.Module):
     q = jnp.broadcast_to(self.query[...].astype(self.dtype), (b, 1, null.shape[-1]))
     pooled = masked_attention(q, k, v, mask, self.num_heads)[:, 0]
     return self.out(pooled)
+
+
+class TextLayer(nnx.Module):
+  """A pre-LN transformer layer over text tokens [B,L,C]: x + attn(LN x), then x + MLP(LN x).
+
+  Not in Imagen, whose frozen T5-XXL already relates the words of a caption. A frozen
+  encoder that does not (a small or random one) leaves the U-Net to bind words per token:
+  "red" must become "the object above" from "above" two tokens later, and attention over
+  independent tokens cannot compute that. A few trainable layers on the U-Net side can.
+  Padding positions are masked out as keys, so they never change a real token.
+  """
+
+  def __init__(self, channels: int, *, head_dim: int = 64, mlp_mult: int = 4, dtype: Any,
+               rngs: nnx.Rngs):
+    rngs = layers.local_rngs(rngs)
+    self.num_heads = num_heads_for(channels, head_dim)
+    self.attn_norm = layers.layer_norm(channels, rngs=rngs)
+    self.qkv = layers.dense(channels, 3 * channels, ("embed", "heads"), dtype=dtype,
+                            rngs=rngs)
+    self.attn_out = layers.dense(channels, channels, ("heads", "embed"), dtype=dtype,
+                                 rngs=rngs, zero_init=True)
+    self.mlp_norm = layers.layer_norm(channels, rngs=rngs)
+    self.mlp_in = layers.dense(channels, mlp_mult * channels, ("embed", "mlp"), dtype=dtype,
+                               rngs=rngs)
+    self.mlp_out = layers.dense(mlp_mult * channels, channels, ("mlp", "embed"),
+                                dtype=dtype, rngs=rngs, zero_init=True)
+    self.dtype = dtype
+
+  def __call__(self, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+    # An all-false row (dropped caption) gets zero attention weights everywhere: no NaN,
+    # and every one of its positions is masked downstream anyway.
+    q, k, v = jnp.split(self.qkv(self.attn_norm(text).astype(self.dtype)), 3, axis=-1)
+    text = text + self.attn_out(masked_attention(q, k, v, text_mask, self.num_heads))
+    hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(text).astype(self.dtype)))
+    return text + self.mlp_out(hidden)

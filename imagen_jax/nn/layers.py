@@ -122,6 +122,20 @@ def layer_norm(features: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
                        rngs=rngs)
 
 
+def coordinates(shape: tuple[int, int, int], dtype: Any) -> jax.Array:
+  """[B, H, W, 2]: each pixel's (y, x) centre in [-1, 1] (CoordConv, Liu et al. 2018).
+
+  Convolutions are translation-equivariant and attention without positions is
+  permutation-invariant, so neither knows where "the top half" is except from the
+  padding at the borders; "a red circle above a blue square" needs exactly that.
+  """
+  b, h, w = shape
+  ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) * (2.0 / h) - 1.0
+  xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) * (2.0 / w) - 1.0
+  grid = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)
+  return jnp.broadcast_to(grid, (b, h, w, 2)).astype(dtype)
+
+
 def sinusoidal_embedding(x: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """[B] -> [B, dim] sinusoidal features (DDPM's `timestep_embedding`), in float32."""
   half = dim // 2

@@ -34,7 +34,7 @@ from flax import nnx
 
 from imagen_jax.errors import UserError
 from imagen_jax.nn import layers
-from imagen_jax.nn.attention import AttentionBlock, AttentionPool
+from imagen_jax.nn.attention import AttentionBlock, AttentionPool, TextLayer
 from imagen_jax.parallel.rules import constrain
 
 IMAGE_AXES = ("batch", None, None, None)
@@ -83,7 +83,8 @@ class _ConditionedUNet(nnx.Module):
   channels: int
 
   def _init_conditioning(self, *, model_channels: int, emb_dim: int, head_dim: int,
-                         text_positions: int, dtype: Any, rngs: nnx.Rngs) -> None:
+                         text_positions: int, text_layers: int, dtype: Any,
+                         rngs: nnx.Rngs) -> None:
     self.time_embed = layers.NoiseLevelEmbedding(model_channels, emb_dim, dtype=dtype,
                                                  rngs=rngs)
     # The text is layer-normed once, projected to the model width once, and each
@@ -100,6 +101,9 @@ class _ConditionedUNet(nnx.Module):
                               ("length", "embed"))
     self.text_position = (nnx.Param(init(rngs.params(), (text_positions, model_channels)))
                           if text_positions else None)
+    # Optional trainable transformer layers over the projected text (attention.TextLayer).
+    self.text_layers = nnx.List([TextLayer(model_channels, head_dim=head_dim, dtype=dtype,
+                                           rngs=rngs) for _ in range(text_layers)])
     self.text_pool = AttentionPool(model_channels, emb_dim, head_dim=head_dim, dtype=dtype,
                                    rngs=rngs)
 
@@ -142,6 +146,8 @@ class _ConditionedUNet(nnx.Module):
     text = self.text_proj(self.text_norm(text).astype(self.dtype))
     if self.text_position is not None:
       text = text + self.text_position[:text.shape[1]].astype(self.dtype)
+    for layer in self.text_layers:
+      text = layer(text, mask)
     emb = self.time_embed(log_snr) + self.text_pool(text, mask)
     return emb, text, mask
 
@@ -163,10 +169,12 @@ class UNet(_ConditionedUNet):
                model_channels: int = 512, channel_mult: Sequence[int] = (1, 2, 3, 4),
                num_res_blocks: int = 3, attention_resolutions: Sequence[int] = (32, 16, 8),
                head_dim: int = 64, dropout: float = 0.0, num_groups: int = 32,
-               emb_mult: int = 4, text_positions: int = 0, dtype: Any = "float32",
-               remat: bool = False, rngs: nnx.Rngs):
+               emb_mult: int = 4, text_positions: int = 0, text_layers: int = 0,
+               coord_channels: bool = False, dtype: Any = "float32", remat: bool = False,
+               rngs: nnx.Rngs):
     rngs = layers.local_rngs(rngs)
     self.image_size = image_size
+    self.coord_channels = coord_channels
     self.lowres_size = None
     self.text_dim = text_dim
     self.channels = channels
@@ -180,7 +188,8 @@ class UNet(_ConditionedUNet):
     dt = self.dtype
     emb_dim = emb_mult * model_channels
     self._init_conditioning(model_channels=model_channels, emb_dim=emb_dim,
-                            head_dim=head_dim, text_positions=text_positions, dtype=dt,
+                            head_dim=head_dim, text_positions=text_positions,
+                            text_layers=text_layers, dtype=dt,
                             rngs=rngs)
 
     def res(cin, cout, resample=None):
@@ -195,7 +204,7 @@ class UNet(_ConditionedUNet):
                             num_groups=num_groups, dtype=dt, rngs=rngs)
 
     ch = model_channels
-    self.input_conv = layers.conv(channels, ch, 3, dtype=dt, rngs=rngs)
+    self.input_conv = layers.conv(channels + 2 * coord_channels, ch, 3, dtype=dt, rngs=rngs)
     skip_channels = [ch]
     down, resolution = [], image_size
     for level, mult in enumerate(channel_mult):
@@ -239,7 +248,10 @@ class UNet(_ConditionedUNet):
                       dropout_rng)
     emb, text, mask = self._conditioning(log_snr, text_emb, text_mask, x_t.shape[0])
     block_rng = block_rngs(dropout_rng)
-    h = constrain(self.input_conv(x_t.astype(self.dtype)), IMAGE_AXES)
+    x = x_t.astype(self.dtype)
+    if self.coord_channels:
+      x = jnp.concatenate([x, layers.coordinates(x.shape[:3], self.dtype)], axis=-1)
+    h = constrain(self.input_conv(x), IMAGE_AXES)
     skips = [h]
     for block in self.down:
       h = run_block(block, h, emb, text, mask, block_rng(), train=train,
@@ -305,8 +317,8 @@ class EfficientUNet(_ConditionedUNet):
                num_res_blocks: Sequence[int] = (2, 4, 8, 8), self_attention: bool = True,
                cross_attention: bool = True, head_dim: int = 64, dropout: float = 0.0,
                num_groups: int = 32, emb_mult: int = 4, skip_scale: float = 2 ** -0.5,
-               text_positions: int = 0, dtype: Any = "float32", remat: bool = False,
-               rngs: nnx.Rngs):
+               text_positions: int = 0, text_layers: int = 0, dtype: Any = "float32",
+               remat: bool = False, rngs: nnx.Rngs):
     if len(num_res_blocks) != len(channel_mult):
       raise UserError(f"EfficientUNet num_res_blocks {tuple(num_res_blocks)} needs one "
                       f"count per level of channel_mult {tuple(channel_mult)}")
@@ -327,7 +339,8 @@ class EfficientUNet(_ConditionedUNet):
     dt = self.dtype
     emb_dim = emb_mult * model_channels
     self._init_conditioning(model_channels=model_channels, emb_dim=emb_dim,
-                            head_dim=head_dim, text_positions=text_positions, dtype=dt,
+                            head_dim=head_dim, text_positions=text_positions,
+                            text_layers=text_layers, dtype=dt,
                             rngs=rngs)
     self.lowres_embed = layers.NoiseLevelEmbedding(model_channels, emb_dim, dtype=dt,
                                                    rngs=rngs)

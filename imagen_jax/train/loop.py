@@ -60,6 +60,19 @@ class TrainingDiverged(UserError):
 
 # ----------------------------------------------------------------------------- stopping
 
+TIME_CHECK_EVERY = 10  # steps between checks of train.max_minutes
+
+
+def _past(deadline: float) -> bool:
+  """Whether time.monotonic() passed `deadline`, on process 0's clock (every process must
+  stop at the same step)."""
+  past = time.monotonic() >= deadline
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    past = bool(multihost_utils.broadcast_one_to_all(np.asarray(past)))
+  return past
+
+
 class PreemptionWatch:
   """SIGTERM -> stop at the next step boundary (one mechanism for one host and many).
 
@@ -133,11 +146,13 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           sample_steps: int = 64, sample_method: str = "ddim", guidance_scale: float = 3.0,
           init_from: str | None = None, init_from_ema: bool = False,
           peak_flops_per_device: float | None = None, stop_after: int | None = None,
+          max_minutes: float | None = None,
           progress: bool = True, tensorboard: bool = True, loss_cfg: step_lib.LossConfig | None = None,
           create_model_fn: Callable | None = None, pipeline=None,
           val_pipeline=None) -> dict:
   """Trains one stage for `train_steps` optimizer steps in total (resuming if MODEL_DIR has
-  a checkpoint) and returns {"state", "step", "status" ("done" or "preempted"), "metrics"
+  a checkpoint) and returns {"state", "step", "status" ("done", "preempted" or
+  "time_limit"), "metrics"
   (the last values), "history" (every logged interval), "compile_s", "model_flops",
   "peak_flops"}.
 
@@ -163,12 +178,20 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     init_from_ema: start the EMA from that run's EMA instead of from its params.
     peak_flops_per_device: for MFU; None measures a matmul's FLOP/s.
     stop_after: stop (saving a checkpoint) after this many steps of this run, as on SIGTERM.
+    max_minutes: stop (saving a checkpoint) once this call has run this many minutes,
+      setup and compilation included; checked every TIME_CHECK_EVERY steps, on process 0's
+      clock. A time budget for runs whose machine speed is unknown (the quickstart);
+      running again continues to train_steps exactly as if it had not stopped.
     progress: show a tqdm bar (process 0).
     tensorboard: write TensorBoard summaries under MODEL_DIR/tb (else metrics are logged).
     loss_cfg: LossConfig (default from gin).
     create_model_fn, pipeline, val_pipeline: injection points for tests and benchmarks
       (anything with `host_batch(step)` is a pipeline).
   """
+  started = time.monotonic()
+  if max_minutes is not None and max_minutes <= 0:
+    raise UserError(f"train.max_minutes must be > 0 (or None for no time limit), got "
+                    f"{max_minutes}")
   loss_cfg = (loss_cfg or step_lib.LossConfig()).validate()
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
@@ -400,8 +423,13 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         pending.append((step, m))
         timer["steps"] += 1
         bar.update(1)
-        stop = watch.requested(step) or (stop_after is not None
-                                         and step - start_step >= stop_after)
+        out_of_time = (max_minutes is not None and step % TIME_CHECK_EVERY == 0
+                       and step < train_steps
+                       and _past(started + 60 * max_minutes))
+        stop = out_of_time or watch.requested(step) or (stop_after is not None
+                                                        and step - start_step >= stop_after)
+        if stop:
+          status = "time_limit" if out_of_time else "preempted"
         save = stop or step == train_steps or step % checkpoint_every == 0
         if save or step % log_every == 0:
           scalars = flush(step)
@@ -427,11 +455,15 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         timer["t"] += time.perf_counter() - t_extra
         if save:
           checkpointer.save(state, force=True,
-                            meta={"loss": last.get("loss"), "status": "preempted" if stop
-                                  else "periodic"})
+                            meta={"loss": last.get("loss"),
+                                  "status": status if stop else "periodic"})
         if stop:
-          status = "preempted"
-          log.info("stopping at step %d (checkpoint saved)", step)
+          if out_of_time and is_main:
+            (bar.write if progress else log.info)(
+                f"train.max_minutes={max_minutes:g} reached: stopping at step {step} of "
+                f"{train_steps} (checkpoint saved; run again to continue)")
+          else:
+            log.info("stopping at step %d (checkpoint saved)", step)
           break
   finally:
     batches.close()

@@ -15,6 +15,15 @@ imagen-eval); its settings come from what this script measured (docs/quickstart.
         --out=runs/sweep
     # one JSON line per (eval step, sampler) appended to runs/sweep/results.jsonl
 
+Does the model know the layout from the caption alone? `--order_probe=-10,-4` ends the run
+with `order_probe` (x0-hat at those noise levels vs the caption's mean image and its
+swapped-order / other-axis versions); `--train_log_snr=-10` trains at one noise level
+only, which turns training into a plain caption -> mean-image regression:
+
+    .venv/bin/python benchmarks/quality_sweep.py --name=probe --text_positions=16 \
+        --steps=600 --batch=32 --width=32 --objective=v --train_log_snr=-10 --no_eval \
+        --order_probe=-10 --out=runs/sweep
+
 Quality is reported against training steps (and examples seen), throughput (steps/s)
 separately, because the machine is shared: wall time depends on the load.
 Text assets and the embedding cache are built on first use in --work (a random T5 from
@@ -119,6 +128,69 @@ def make_sampler(graphdef, rest, cfg: dict, objective: str, size: int):
   return run
 
 
+def swap_roles(caption: str) -> str:
+  """"A rel B" -> "B rel A": the same objects, the other layout."""
+  p = shapes.parse_caption(caption)
+  return shapes.format_caption(p._replace(objects=p.objects[::-1]))
+
+
+def other_axis(caption: str) -> str:
+  """"A above B" -> "A to the left of B" (and so on): the same order, the other axis."""
+  p = shapes.parse_caption(caption)
+  other = {"above": "to the left of", "below": "to the right of",
+           "to the left of": "above", "to the right of": "below"}[p.relation]
+  return shapes.format_caption(p._replace(relation=other))
+
+
+def mean_render(caption: str, n: int, offset: int = 0) -> np.ndarray:
+  """The mean of n renders of the caption in [-1, 1]: E[x0 | caption] at 16 px."""
+  return np.mean([shapes.render(shapes.make_scene(caption, np.random.default_rng(offset + i)),
+                                16) / 127.5 - 1.0 for i in range(n)], axis=0)
+
+
+def order_probe(graphdef, rest, params, cache, max_length: int, objective: str,
+                log_snrs: list[float], n_captions: int = 48, n_noise: int = 16) -> dict:
+  """Does the model know the layout from the caption alone?
+
+  At a high noise level x_t carries (almost) no trace of the image, so the best x0
+  prediction is the caption's mean image E[x0 | caption], which puts each object's colour
+  where the caption places it. For n_captions two-object training captions, the model's
+  x0-hat (unguided, averaged over n_noise pure-noise inputs) is compared with the mean of
+  32 renders of the caption and of (order) the caption with its two objects swapped,
+  (axis) the caption with the relation on the other axis. Returns, per log-SNR, the
+  fraction of captions whose x0-hat is closer to their own mean: 1.0 for a model that
+  knows, 0.5 for a coin flip.
+  """
+  rng = np.random.default_rng(0)
+  two = [c for c in shapes.all_captions("train") if shapes.parse_caption(c).relation]
+  captions = [str(c) for c in rng.choice(two, n_captions, replace=False)]
+  emb, mask = cache.get_batch(captions, max_length)
+  emb, mask = jnp.asarray(np.asarray(emb, np.float32)), jnp.asarray(mask)
+  own = np.stack([mean_render(c, 32) for c in captions])
+  others = {name: np.stack([mean_render(fn(c), 32) for c in captions])
+            for name, fn in (("order", swap_roles), ("axis", other_axis))}
+
+  @jax.jit
+  def x0_hat(lam, key):
+    model = nnx.merge(graphdef, params, rest)
+    log_snr = jnp.full((len(captions),), lam)
+    _, sigma = diffusion.alpha_sigma(lam)
+
+    def one(k):
+      x_t = sigma * jax.random.normal(k, (len(captions), 16, 16, 3))
+      return diffusion.to_x0(model(x_t, log_snr, emb, mask), x_t, log_snr, objective)
+    return jax.lax.map(one, jax.random.split(key, n_noise)).mean(0)
+
+  out = {}
+  for lam in log_snrs:
+    pred = np.asarray(x0_hat(jnp.float32(lam), jax.random.key(1)))
+    d_own = np.linalg.norm((pred - own).reshape(len(captions), -1), axis=1)
+    out[str(lam)] = {name: float(np.mean(
+        d_own < np.linalg.norm((pred - other).reshape(len(captions), -1), axis=1)))
+        for name, other in others.items()}
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--name", required=True)
@@ -155,6 +227,10 @@ def main(argv=None):
   p.add_argument("--eval_batch", type=int, default=100)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no_eval", action="store_true", help="throughput only")
+  p.add_argument("--train_log_snr", type=float, default=None,
+                 help="train at this one noise level only (a probe; no caption dropout)")
+  p.add_argument("--order_probe", default="",
+                 help="log-SNRs (e.g. -10,-4) at which to run order_probe after training")
   p.add_argument("--load_ema", default="", help="an .npz of EMA weights saved by a run "
                  "with the same model flags: skip training, only sample and score")
   args = p.parse_args(argv)
@@ -188,7 +264,8 @@ def main(argv=None):
   def train_step(params, opt_state, ema, batch, step):
     rng = jax.random.fold_in(jax.random.key(args.seed), step)
     keys = step_lib.example_keys(rng, jnp.arange(args.batch))
-    x0, log_snr, noise, cond = step_lib.noise_and_conditioning(batch, keys, loss_cfg)
+    x0, log_snr, noise, cond = step_lib.noise_and_conditioning(
+        batch, keys, loss_cfg, fixed_log_snr=args.train_log_snr)
 
     def loss_fn(params):
       m = nnx.merge(graphdef, params, rest)
@@ -271,6 +348,16 @@ def main(argv=None):
                 f"rel {ho.get('relation') or 0:.2f} | sample {sample_s:.0f}s", flush=True)
       if step + 1 == eval_steps[-1] and not args.no_eval:
         np.save(os.path.join(args.out, f"{args.name}_samples.npy"), images)
+  if args.order_probe:
+    probe = order_probe(graphdef, rest, ema, cache, args.max_length, args.objective,
+                        [float(v) for v in args.order_probe.split(",")])
+    results.write(json.dumps({"name": args.name, "step": args.steps, "order_probe": probe,
+                              "config": config}) + "\n")
+    results.flush()
+    for lam, fractions in probe.items():
+      print(f"[{args.name}] order probe at log-SNR {lam}: x0-hat has the caption's order "
+            f"in {fractions['order']:.0%}, its axis in {fractions['axis']:.0%} of 48 "
+            "captions (0.5 = chance)", flush=True)
   if not args.load_ema:
     np.savez(os.path.join(args.out, f"{args.name}_ema.npz"),
              **{f"p{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(ema))})

@@ -296,6 +296,23 @@ def test_text_layers_keep_padding_and_order_invariance(base_reference):
                              out_layers, rtol=1e-5, atol=1e-5)
 
 
+def test_coord_channels_feed_pixel_positions(base_reference):
+  """layers.coordinates gives pixel centres in [-1, 1] ((y, x), y down); with
+  coord_channels the input conv sees them: zeroing their kernel slice changes the output."""
+  grid = np.asarray(layers.coordinates((2, 4, 4), jnp.float32))
+  assert grid.shape == (2, 4, 4, 2)
+  np.testing.assert_allclose(grid[0, :, 0, 0], [-0.75, -0.25, 0.25, 0.75])  # y by row
+  np.testing.assert_allclose(grid[1, 0, :, 1], [-0.75, -0.25, 0.25, 0.75])  # x by column
+  batch, _, _ = base_reference
+  graphdef, params, rest = random_model(UNet, **dict(BASE, coord_channels=True))
+  kernel = params["input_conv"]["kernel"]
+  assert kernel.get_value().shape[2] == 5  # RGB + (y, x)
+  out = np.asarray(forward(graphdef, params, rest, batch))
+  blind = jax.tree.map(lambda x: x, params)
+  blind["input_conv"]["kernel"].set_value(kernel.get_value().at[:, :, 3:].set(0.0))
+  assert np.abs(np.asarray(forward(graphdef, blind, rest, batch)) - out).max() > 1e-3
+
+
 def test_base_rejects_bad_inputs(base):
   model = nnx.merge(*base)
   batch = make_batch()

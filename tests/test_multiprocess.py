@@ -2,7 +2,8 @@
 launch/multiprocess_cpu.sh (or directly), running `python -m imagen_jax.parallel.smoke`.
 
 - the job joins, sees 4 global devices, builds global arrays from per-process rows whose
-  all-reduced sums are right, and saves and restores an orbax checkpoint both wrote;
+  all-reduced sums are right, takes process 0's decision everywhere (the time limit's
+  agreement), and saves and restores an orbax checkpoint both wrote;
 - SIGTERM to one process (a preemption): both stop at the same step and save it;
 - a killed process: the launcher stops the other at once, with one line naming it;
 - without the launcher, JAX's heartbeat ends the survivor within the configured timeout.
@@ -59,6 +60,7 @@ def test_two_processes_global_arrays_and_checkpoint(tmp_path):
     assert ok[i]["method"] == "explicit"
     assert ok[i]["rows"] == [4 * i, 4 * i + 4]  # each process loads its half
     assert ok[i]["sum"] == expected_sum
+    assert ok[i]["process0_decides"] is True  # process 1 said no; it heard process 0's yes
   # Both processes wrote their own shards into the one checkpoint.
   step_dir = tmp_path / "checkpoints" / "7"
   written = {p.name for p in step_dir.rglob("ocdbt.process_*")}

@@ -430,6 +430,17 @@ def _install_sigterm_handler() -> None:
   _sigterm_handler_installed = True
 
 
+def process0_decides(flag: bool) -> bool:
+  """Process 0's `flag`, on every process: for a decision all processes must take at the
+  same step although each computes its own (stopping on a time limit, where clocks
+  differ). A collective: every process must call it at the same point. One process:
+  `flag` itself.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
+
+
 def preemption_requested(step: int) -> bool:
   """True when training should save a checkpoint at `step` and exit. Call every step.
 

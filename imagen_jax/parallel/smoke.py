@@ -6,8 +6,9 @@
 
 Every process: joins the cluster (`hosts.initialize`), builds the global mesh, turns its
 own rows of a known global batch into one global array and checks the all-reduced sums,
-then saves an orbax checkpoint (all processes writing their shards) and restores it with
-target shardings. It prints `SMOKE_OK {json}` and exits 0 when every check passes.
+checks that `hosts.process0_decides` gives every process process 0's decision, then saves
+an orbax checkpoint (all processes writing their shards) and restores it with target
+shardings. It prints `SMOKE_OK {json}` and exits 0 when every check passes.
 
 `--steps=N` instead runs N tiny all-reduce steps, polling `hosts.preemption_requested`;
 after a SIGTERM to any process, every process saves the same step, prints `PREEMPTED {json}`
@@ -149,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"PREEMPTED {json.dumps(report)}", flush=True)
     return 0 if report["preempted_at"] is not None else 1
   report.update(check_global_array(mesh))
+  # Only process 0 says yes; every process must hear its yes.
+  report["process0_decides"] = hosts.process0_decides(jax.process_index() == 0)
   report.update(check_checkpoint(mesh, args.workdir))
   print(f"SMOKE_OK {json.dumps(report)}", flush=True)
   return 0

@@ -66,11 +66,7 @@ TIME_CHECK_EVERY = 10  # steps between checks of train.max_minutes
 def _past(deadline: float) -> bool:
   """Whether time.monotonic() passed `deadline`, on process 0's clock (every process must
   stop at the same step)."""
-  past = time.monotonic() >= deadline
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    past = bool(multihost_utils.broadcast_one_to_all(np.asarray(past)))
-  return past
+  return hosts.process0_decides(time.monotonic() >= deadline)
 
 
 class PreemptionWatch:

@@ -191,6 +191,36 @@ def order_probe(graphdef, rest, params, cache, max_length: int, objective: str,
   return out
 
 
+class RoleOracleCache:
+  """An embedding cache whose two-object captions carry their layout in the text: each
+  object's colour and shape tokens get +u when the caption puts that object on the left or
+  top, -u otherwise (u: a fixed random vector, `scale` times the embeddings' RMS norm).
+  What a text encoder that understood the relation would hand the U-Net; a probe of
+  whether the U-Net can use it. Tokens: "a {c1} {s1} ... a {c2} {s2}</s>", one piece per
+  word (the toy tokenizer), so the objects are tokens 1-2 and the two before EOS.
+  """
+
+  def __init__(self, cache, scale: float):
+    self.cache, self.scale, self.u = cache, scale, None
+
+  def get_batch(self, captions, max_length):
+    emb, mask = self.cache.get_batch(captions, max_length)
+    emb, mask = np.array(emb, np.float32), np.asarray(mask, bool)
+    if self.u is None:
+      u = np.random.default_rng(123).normal(size=emb.shape[-1]).astype(np.float32)
+      rms = np.sqrt(np.mean(np.square(emb[mask])) * emb.shape[-1])
+      self.u = self.scale * rms * u / np.linalg.norm(u)
+    for row, caption in enumerate(captions):
+      parsed = shapes.parse_caption(str(caption))
+      if parsed.relation is None:
+        continue
+      sign = 1.0 if parsed.relation in ("to the left of", "above") else -1.0
+      n = int(mask[row].sum())
+      emb[row, 1:3] += sign * self.u
+      emb[row, n - 3:n - 1] -= sign * self.u
+    return emb, mask
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--name", required=True)
@@ -229,6 +259,9 @@ def main(argv=None):
   p.add_argument("--no_eval", action="store_true", help="throughput only")
   p.add_argument("--train_log_snr", type=float, default=None,
                  help="train at this one noise level only (a probe; no caption dropout)")
+  p.add_argument("--oracle_roles", type=float, default=0.0,
+                 help="add each object's layout role to its text tokens at this scale "
+                 "(RoleOracleCache; 0: the real embeddings)")
   p.add_argument("--order_probe", default="",
                  help="log-SNRs (e.g. -10,-4) at which to run order_probe after training")
   p.add_argument("--load_ema", default="", help="an .npz of EMA weights saved by a run "
@@ -239,6 +272,8 @@ def main(argv=None):
   cache_dir = ensure_text(args.work, d_model=d_model, num_layers=layers_, num_heads=heads,
                           max_length=args.max_length, t5_dir=args.t5_dir)
   cache = cache_lib.EmbeddingCache.open(cache_dir)
+  if args.oracle_roles:
+    cache = RoleOracleCache(cache, args.oracle_roles)
   pipe = Pipeline("shapes", cache, image_size=16, global_batch_size=args.batch,
                   seed=args.seed, max_length=args.max_length)
 

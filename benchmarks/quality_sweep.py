@@ -142,10 +142,10 @@ def other_axis(caption: str) -> str:
   return shapes.format_caption(p._replace(relation=other))
 
 
-def mean_render(caption: str, n: int, offset: int = 0) -> np.ndarray:
+def mean_render(caption: str, n: int) -> np.ndarray:
   """The mean of n renders of the caption in [-1, 1]: E[x0 | caption] at 16 px."""
-  return np.mean([shapes.render(shapes.make_scene(caption, np.random.default_rng(offset + i)),
-                                16) / 127.5 - 1.0 for i in range(n)], axis=0)
+  return np.mean([shapes.render(shapes.make_scene(caption, np.random.default_rng(i)), 16)
+                  / 127.5 - 1.0 for i in range(n)], axis=0)
 
 
 def order_probe(graphdef, rest, params, cache, max_length: int, objective: str,

@@ -128,26 +128,6 @@ def make_sampler(graphdef, rest, cfg: dict, objective: str, size: int):
   return run
 
 
-def swap_roles(caption: str) -> str:
-  """"A rel B" -> "B rel A": the same objects, the other layout."""
-  p = shapes.parse_caption(caption)
-  return shapes.format_caption(p._replace(objects=p.objects[::-1]))
-
-
-def other_axis(caption: str) -> str:
-  """"A above B" -> "A to the left of B" (and so on): the same order, the other axis."""
-  p = shapes.parse_caption(caption)
-  other = {"above": "to the left of", "below": "to the right of",
-           "to the left of": "above", "to the right of": "below"}[p.relation]
-  return shapes.format_caption(p._replace(relation=other))
-
-
-def mean_render(caption: str, n: int) -> np.ndarray:
-  """The mean of n renders of the caption in [-1, 1]: E[x0 | caption] at 16 px."""
-  return np.mean([shapes.render(shapes.make_scene(caption, np.random.default_rng(i)), 16)
-                  / 127.5 - 1.0 for i in range(n)], axis=0)
-
-
 def order_probe(graphdef, rest, params, cache, max_length: int, objective: str,
                 log_snrs: list[float], n_captions: int = 48, n_noise: int = 16) -> dict:
   """Does the model know the layout from the caption alone?
@@ -166,9 +146,9 @@ def order_probe(graphdef, rest, params, cache, max_length: int, objective: str,
   captions = [str(c) for c in rng.choice(two, n_captions, replace=False)]
   emb, mask = cache.get_batch(captions, max_length)
   emb, mask = jnp.asarray(np.asarray(emb, np.float32)), jnp.asarray(mask)
-  own = np.stack([mean_render(c, 32) for c in captions])
-  others = {name: np.stack([mean_render(fn(c), 32) for c in captions])
-            for name, fn in (("order", swap_roles), ("axis", other_axis))}
+  own = np.stack([shapes.mean_render(c, 16) for c in captions])
+  others = {name: np.stack([shapes.mean_render(fn(c), 16) for c in captions])
+            for name, fn in (("order", shapes.swap_objects), ("axis", shapes.other_axis))}
 
   @jax.jit
   def x0_hat(lam, key):

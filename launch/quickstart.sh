@@ -7,8 +7,9 @@
 #
 # Phases (each prints a header with the elapsed time; the CLIs show progress bars):
 #   0. creates .venv if missing and installs the package (pip install -e ".[test]");
-#   1. text assets: a sentencepiece model of the shapes captions and a small T5 with fixed
-#      random weights (python -m imagen_jax.text.toy), unless --t5 names a real T5;
+#   1. text assets: a sentencepiece model of the shapes captions and a small T5, random
+#      and then grounded for a minute on the shapes training split, after which it stays
+#      fixed (python -m imagen_jax.text.toy; docs/quickstart.md), unless --t5 names a real T5;
 #   2. imagen-embed: T5 embeddings of every shapes caption (training and held-out splits);
 #   3. imagen-train: the 16x16 base model (experiments/quickstart_base.gin);
 #   4. imagen-train: the 16->64 super-resolution model, trained on 32x32 crops
@@ -100,9 +101,11 @@ else
   if [ -f "$t5/model.safetensors" ]; then
     echo "reusing $t5"
   else
-    "$bin/python" -m imagen_jax.text.toy --out="$t5"
+    if [ "$smoke" = 1 ]; then grounding_steps=5; else grounding_steps=1000; fi
+    "$bin/python" -m imagen_jax.text.toy --out="$t5" --grounding_steps="$grounding_steps"
   fi
-  echo "NOTE: this T5 has random weights (no pretrained T5 is downloaded); see docs/quickstart.md"
+  echo "NOTE: this T5 is not a pretrained language model: random weights, grounded for a" \
+       "minute on the shapes training split (no pretrained T5 is downloaded); see docs/quickstart.md"
 fi
 text_dim="$("$bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["d_model"])' "$t5/config.json")"
 

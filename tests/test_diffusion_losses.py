@@ -64,19 +64,25 @@ def test_loss_of_point_mass_is_zero(data, objective):
   assert float(diffusion.loss_at(identity, x0, log_snr, noise, objective=objective).mean()) > 0.01
 
 
-def test_min_snr_weights_agree_in_x0_space(data):
-  # Any x0 predictor, expressed as eps/v/x0 predictions, gets the same min-SNR loss: the
-  # weighted loss is min(SNR, gamma) ||x0 - x0_hat||^2 for all three (Hang et al. 2023 §3.4).
+@pytest.mark.parametrize("weighting,x0_weight", [
+    ("min_snr", lambda snr: np.minimum(snr, 5.0)),
+    ("clamped_snr", lambda snr: np.clip(snr, 1.0, 5.0))])
+def test_snr_weights_agree_in_x0_space(data, weighting, x0_weight):
+  # Any x0 predictor, expressed as eps/v/x0 predictions, gets the same weighted loss:
+  # min-SNR is min(SNR, gamma) ||x0 - x0_hat||^2 for all three (Hang et al. 2023 §3.4);
+  # clamped-SNR floors that weight at 1 (Salimans & Ho 2022's truncated SNR at high noise).
   x0, noise, log_snr = data
+  # The data's log-SNRs reach both sides of the clamp, so both bounds are exercised.
+  assert float(log_snr.min()) < 0.0 and float(log_snr.max()) > np.log(5.0)
   wrong_x0 = lambda x, lam: 0.3 * x + jnp.sin(x)
   losses = []
   for objective in ("eps", "v", "x0"):
     model = lambda x, lam, o=objective: diffusion.convert(wrong_x0(x, lam), x, lam, "x0", o)
     losses.append(diffusion.loss_at(model, x0, log_snr, noise, objective=objective,
-                                    weighting="min_snr", min_snr_gamma=5.0))
+                                    weighting=weighting, min_snr_gamma=5.0))
   x_t = diffusion.q_sample(x0, log_snr, noise)
   x0_mse = jnp.mean(jnp.square(wrong_x0(x_t, log_snr) - x0), axis=1)
-  expected = jnp.minimum(jnp.exp(log_snr), 5.0) * x0_mse
+  expected = x0_weight(np.exp(np.asarray(log_snr, np.float64))) * x0_mse
   for loss in losses:
     np.testing.assert_allclose(loss, expected, rtol=2e-3, atol=1e-6)
 
@@ -108,6 +114,6 @@ def test_bad_input(data):
   x0, noise, log_snr = data
   with pytest.raises(UserError, match="valid objectives"):
     diffusion.loss_at(lambda x, l: x, x0, log_snr, noise, objective="score")
-  with pytest.raises(UserError, match="'none', 'min_snr'"):
+  with pytest.raises(UserError, match="'none', 'min_snr', 'clamped_snr'"):
     diffusion.diffusion_loss(lambda x, l: x, x0, jax.random.key(0),
                              schedule_fn=diffusion.cosine_log_snr, weighting="p2")

@@ -19,14 +19,29 @@ PROMPTS = ROOT / "gin_configs" / "experiments" / "quickstart_prompts.txt"
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-  return pathlib.Path(toy.make_toy_text_assets(tmp_path_factory.mktemp("toy") / "t5"))
+  """The random encoder (no grounding): the properties below are those of its init."""
+  return pathlib.Path(toy.make_toy_text_assets(tmp_path_factory.mktemp("toy") / "t5",
+                                               grounding_steps=0))
 
 
 def test_toy_assets_are_deterministic(toy_dir, tmp_path):
-  again = pathlib.Path(toy.make_toy_text_assets(tmp_path / "t5"))
-  for name in ("config.json", "model.safetensors", "spiece.model"):
-    assert (toy_dir / name).read_bytes() == (again / name).read_bytes(), name
-  other_seed = pathlib.Path(toy.make_toy_text_assets(tmp_path / "t5_seed1", seed=1))
+  # A few steps of grounding: enough to check that it runs, changes the weights and is
+  # deterministic (tests/test_text_grounding.py checks what it learns).
+  grounded = [pathlib.Path(toy.make_toy_text_assets(tmp_path / name, grounding_steps=8))
+              for name in ("a", "b")]
+  for name in ("config.json", "model.safetensors", "spiece.model", "grounding.json"):
+    assert (grounded[0] / name).read_bytes() == (grounded[1] / name).read_bytes(), name
+  report = json.loads((grounded[0] / "grounding.json").read_text())
+  assert report["steps"] == 8 and report["seed"] == 0
+  # Grounding changed the random weights; 0 steps keeps them and writes no report.
+  assert not (toy_dir / "grounding.json").exists()
+  assert (toy_dir / "model.safetensors").read_bytes() != (
+      grounded[0] / "model.safetensors").read_bytes()
+  again = pathlib.Path(toy.make_toy_text_assets(tmp_path / "random", grounding_steps=0))
+  assert (again / "model.safetensors").read_bytes() == (
+      toy_dir / "model.safetensors").read_bytes()
+  other_seed = pathlib.Path(toy.make_toy_text_assets(tmp_path / "t5_seed1", seed=1,
+                                                     grounding_steps=0))
   assert (other_seed / "model.safetensors").read_bytes() != (
       toy_dir / "model.safetensors").read_bytes()
 
@@ -71,6 +86,8 @@ def test_toy_encoder_loads_and_separates_captions(toy_dir):
 
 
 def test_toy_bad_input(tmp_path):
+  with pytest.raises(UserError, match="grounding_steps=-1"):
+    toy.make_toy_text_assets(tmp_path / "t5", grounding_steps=-1)
   with pytest.raises(UserError, match="num_heads"):
     toy.toy_t5_config(d_model=30, num_heads=4)
   with pytest.raises(UserError, match="no non-empty"):

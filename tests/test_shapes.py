@@ -205,3 +205,20 @@ def test_render_caption_uses_the_given_caption():
     assert image.shape == (16, 16, 3)
   with pytest.raises(UserError):
     shapes.render_caption("a red cube", 16)
+
+
+def test_caption_variants_and_mean_render():
+  caption = "a red circle to the left of a blue square"
+  assert shapes.swap_objects(caption) == "a blue square to the left of a red circle"
+  assert shapes.other_axis(caption) == "a red circle above a blue square"
+  assert shapes.other_axis(shapes.other_axis(caption)) == caption
+  assert shapes.swap_objects("a red circle") == "a red circle"
+  with pytest.raises(UserError, match="relation"):
+    shapes.other_axis("a red circle")
+  # The mean of renders keeps the layout: red on the left half, blue on the right half.
+  mean = shapes.mean_render(caption, 16, n=16)
+  assert mean.shape == (16, 16, 3) and mean.dtype == np.float32
+  assert mean.min() >= -1 and mean.max() <= 1
+  left, right = mean[:, :8], mean[:, 8:]
+  redness = lambda x: float((x[..., 0] - x[..., 2]).mean())  # red minus blue channel
+  assert redness(left) > 0.1 and redness(right) < -0.1

@@ -114,6 +114,29 @@ def format_caption(parsed: ParsedCaption) -> str:
   return f"a {c1} {s1} {parsed.relation} a {c2} {s2}"
 
 
+def swap_objects(caption: str) -> str:
+  """"A rel B" -> "B rel A": the same objects and relation, the other layout."""
+  parsed = parse_caption(caption)
+  return format_caption(parsed._replace(objects=parsed.objects[::-1]))
+
+
+def other_axis(caption: str) -> str:
+  """"A above B" -> "A to the left of B" (and so on): the same order, the other axis."""
+  parsed = parse_caption(caption)
+  if parsed.relation is None:
+    raise UserError(f"{caption!r} names one object; other_axis needs a relation")
+  other = {"above": "to the left of", "below": "to the right of",
+           "to the left of": "above", "to the right of": "below"}[parsed.relation]
+  return format_caption(parsed._replace(relation=other))
+
+
+def mean_render(caption: str, resolution: int, n: int = 32) -> np.ndarray:
+  """The mean of n renders of a caption (layouts from seeds 0..n-1), float32 in [-1, 1]:
+  E[image | caption], the best prediction of the image from the caption alone."""
+  return np.mean([render(make_scene(caption, np.random.default_rng(i)), resolution)
+                  / np.float32(127.5) - 1 for i in range(n)], axis=0, dtype=np.float32)
+
+
 def _objects() -> list[tuple[str, str]]:
   return [(c, s) for c in COLORS for s in SHAPES]
 

@@ -9,6 +9,11 @@ Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min
 Strategy", eq. 9-10 and section 3.4) makes the x0-space weight min(SNR, gamma) for every
 objective, so the weight on the objective's own loss is min(SNR, gamma) / w_objective:
   eps: min(SNR, gamma) / SNR     v: min(SNR, gamma) / (SNR + 1)     x0: min(SNR, gamma).
+Clamped-SNR weighting is min-SNR with a floor of 1: x0-space weight max(min(SNR, gamma), 1),
+i.e. min-SNR-gamma at low noise and Salimans & Ho's "truncated SNR" max(SNR, 1) (section 4)
+at high noise. Min-SNR's weight min(SNR, gamma) vanishes at high noise (SNR e^-10 at
+log-SNR -10), where a text-to-image model decides the layout: with it, the quickstart's
+base model never learned which object a caption puts on the left (docs/quickstart.md).
 """
 
 import jax
@@ -17,7 +22,7 @@ import jax.numpy as jnp
 from imagen_jax.diffusion import process
 from imagen_jax.errors import UserError
 
-WEIGHTINGS = ("none", "min_snr")
+WEIGHTINGS = ("none", "min_snr", "clamped_snr")
 
 
 def loss_weight(log_snr, objective: str, weighting: str = "none", min_snr_gamma: float = 5.0):
@@ -30,15 +35,19 @@ def loss_weight(log_snr, objective: str, weighting: str = "none", min_snr_gamma:
   log_snr = jnp.asarray(log_snr, jnp.float32)
   if weighting == "none":
     return jnp.ones_like(log_snr)
-  if weighting != "min_snr":
+  if weighting not in WEIGHTINGS:
     raise UserError(f"unknown loss weighting {weighting!r}; valid weightings: {list(WEIGHTINGS)}")
   gamma = jnp.float32(min_snr_gamma)
-  clipped_over_snr = jnp.minimum(1.0, gamma * jnp.exp(-log_snr))  # min(SNR, g) / SNR
+  # The x0-space weight, in log space: log min(SNR, g), floored at log 1 = 0 if clamped.
+  log_w = jnp.minimum(log_snr, jnp.log(gamma))
+  if weighting == "clamped_snr":
+    log_w = jnp.maximum(log_w, 0.0)
+  # Divided by the objective's own x0-space weight: SNR (eps), SNR + 1 (v), 1 (x0).
   if objective == "eps":
-    return clipped_over_snr
+    return jnp.exp(log_w - log_snr)
   if objective == "v":
-    return clipped_over_snr * jax.nn.sigmoid(log_snr)
-  return jnp.minimum(jnp.exp(log_snr), gamma)
+    return jnp.exp(log_w - log_snr) * jax.nn.sigmoid(log_snr)  # SNR+1 = SNR / sigmoid
+  return jnp.exp(log_w)
 
 
 def loss_at(model_fn, x0, log_snr, noise, *, objective: str = "eps", weighting: str = "none",
@@ -70,7 +79,8 @@ def diffusion_loss(model_fn, x0, rng, *, schedule_fn, objective: str = "eps",
     rng: one PRNG key.
     schedule_fn: t -> log-SNR, e.g. `cosine_log_snr`.
     objective: "eps", "v" or "x0".
-    weighting: "none" or "min_snr" (Hang et al. 2023) with `min_snr_gamma`.
+    weighting: "none", "min_snr" (Hang et al. 2023) or "clamped_snr" (min-SNR floored
+      at 1), both with `min_snr_gamma`.
     **cond: passed to model_fn unchanged.
   """
   process.check_objective(objective)

@@ -516,25 +516,31 @@ def encoder_to_hf(module: T5Encoder) -> dict[str, np.ndarray]:
   return tensors
 
 
-def save_random_encoder(path: str | os.PathLike, config: T5Config, seed: int = 0,
-                        spiece_model: str | os.PathLike | None = None,
-                        position_bias_std: float | None = None) -> str:
-  """Writes a T5 encoder with random weights (T5's initialisation) in the HF layout.
+def random_encoder(config: T5Config, seed: int = 0,
+                   position_bias_std: float | None = None) -> T5Encoder:
+  """A T5 encoder with random weights (T5's initialisation). Same seed -> same weights.
 
-  `config.json`, `model.safetensors` (HF key names and `[out, in]` layout, tied embedding
-  as `shared.weight`) and, if given, a copy of `spiece_model` as `spiece.model`. For tests,
-  and for the quickstart, which has no pretrained T5. Same seed -> same weights.
   `position_bias_std` replaces the initial scale of the relative position bias (T5's
   d_model ** -0.5, which training grows); larger makes attention depend on word order.
   """
-  import safetensors.numpy
-  path = epath.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
   module = T5Encoder(config, rngs=nnx.Rngs(seed))
   if position_bias_std is not None:
     bias = module.relative_attention_bias
     bias[...] = bias[...] * (position_bias_std * config.d_model ** 0.5)
-  (path / "config.json").write_text(json.dumps(config.to_hf_json(), indent=2) + "\n")
+  return module
+
+
+def save_encoder(path: str | os.PathLike, module: T5Encoder,
+                 spiece_model: str | os.PathLike | None = None) -> str:
+  """Writes an encoder in the HF layout, which `load_encoder` reads back.
+
+  `config.json`, `model.safetensors` (HF key names and `[out, in]` layout, tied embedding
+  as `shared.weight`) and, if given, a copy of `spiece_model` as `spiece.model`.
+  """
+  import safetensors.numpy
+  path = epath.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(json.dumps(module.config.to_hf_json(), indent=2) + "\n")
   # safetensors writes local files only; build the bytes and write them through epath.
   data = safetensors.numpy.save(encoder_to_hf(module), metadata={"format": "np"})
   (path / "model.safetensors").write_bytes(data)
@@ -544,3 +550,10 @@ def save_random_encoder(path: str | os.PathLike, config: T5Config, seed: int = 0
       raise UserError(f"sentencepiece model {os.fspath(source)!r} does not exist")
     (path / "spiece.model").write_bytes(source.read_bytes())
   return os.fspath(path)
+
+
+def save_random_encoder(path: str | os.PathLike, config: T5Config, seed: int = 0,
+                        spiece_model: str | os.PathLike | None = None,
+                        position_bias_std: float | None = None) -> str:
+  """`save_encoder(path, random_encoder(...))`: for tests, which have no pretrained T5."""
+  return save_encoder(path, random_encoder(config, seed, position_bias_std), spiece_model)

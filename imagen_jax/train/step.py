@@ -41,7 +41,7 @@ class LossConfig:
   """How the training loss is computed (gin: `LossConfig.objective = 'v'`, ...)."""
   objective: str = "eps"           # what the model predicts: eps, v or x0
   schedule: str = "cosine"         # t -> log-SNR for training noise levels
-  weighting: str = "none"          # "none" or "min_snr"
+  weighting: str = "none"          # "none", "min_snr" or "clamped_snr" (diffusion.losses)
   min_snr_gamma: float = 5.0
   cond_drop_prob: float = 0.1      # caption dropped for classifier-free guidance
   aug_schedule: str = "cosine"     # t_aug -> log-SNR of the low-res augmentation (SR stages)

@@ -1,0 +1,185 @@
+"""Grounding pretraining: teaches a small T5 encoder what the shapes captions mean.
+
+Imagen's frozen T5-XXL arrives knowing that in "a red circle to the right of a blue square"
+the red circle is the one on the right. No pretrained T5 can be downloaded here, and one
+with random weights knows nothing: its embeddings keep each word and some of the word
+order, but not which object the relation puts where. Measured with the order probe of
+docs/quickstart.md, a U-Net trained on a random T5's embeddings never learns the layout
+(order 44%, chance 50%) while the same U-Net given the roles in the text learns it at once
+(100%, 600 steps).
+
+This module gives the encoder that knowledge the way CLIP's text encoder gets it: from
+captioned images. A small head predicts a coarse rendering (8x8) of each training caption
+from the encoder's token embeddings, every pixel attending to the tokens with a learned
+query, as the U-Net's cross-attention later reads them. The best such prediction is the
+caption's mean image, which puts each colour where the relation says, so the tokens must
+come to carry which object goes where. Both encoder and head train; the head is then
+dropped and the encoder is frozen and cached like any T5 checkpoint. On 2 CPU cores,
+1,000 steps at batch 128 take about a minute, after which the head's predictions have the
+caption's order for every probed training caption.
+
+Only the training split's scenes are used (the held-out combinations stay unseen), from
+the same deterministic stream as the training data (`shapes.sample_scene`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from imagen_jax.data import shapes
+from imagen_jax.errors import UserError
+from imagen_jax.nn import layers
+from imagen_jax.nn.attention import masked_attention
+from imagen_jax.text import t5, vocab as vocab_lib
+
+
+class GroundingHead(nnx.Module):
+  """Token embeddings [B, L, D] -> an RGB image [B, R, R, 3] in [-1, 1] units.
+
+  Each pixel has a learned query; it attends to the tokens (one head), and an MLP of the
+  attended text and the query gives the pixel's colour.
+  """
+
+  def __init__(self, d_model: int, resolution: int, *, hidden: int = 128, rngs: nnx.Rngs):
+    rngs = layers.local_rngs(rngs)
+    init = layers.partitioned(nnx.initializers.normal(0.5), ("length", "embed"))
+    self.resolution = resolution
+    self.pixels = nnx.Param(init(rngs.params(), (resolution * resolution, d_model)))
+    f32 = jnp.float32
+    self.query = layers.dense(d_model, d_model, ("embed", "heads"), dtype=f32, rngs=rngs)
+    self.key = layers.dense(d_model, d_model, ("embed", "heads"), dtype=f32, rngs=rngs)
+    self.value = layers.dense(d_model, d_model, ("embed", "heads"), dtype=f32, rngs=rngs)
+    self.mlp_in = layers.dense(2 * d_model, hidden, ("embed", "mlp"), dtype=f32, rngs=rngs)
+    self.mlp_out = layers.dense(hidden, 3, ("mlp", None), dtype=f32, rngs=rngs)
+
+  def __call__(self, text: jax.Array, mask: jax.Array) -> jax.Array:
+    b = text.shape[0]
+    pixels = jnp.broadcast_to(self.pixels[...], (b,) + self.pixels.shape)
+    attended = masked_attention(self.query(pixels), self.key(text), self.value(text),
+                                mask.astype(bool), num_heads=1)
+    hidden = jax.nn.gelu(self.mlp_in(jnp.concatenate([attended, pixels], axis=-1)))
+    return self.mlp_out(hidden).reshape(b, self.resolution, self.resolution, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundingReport:
+  """What pretraining did: its settings, the loss curve (every `log_every` steps) and the
+  order accuracy of the head's predictions (1.0: every caption's objects where the
+  caption puts them; 0.5: chance) on training and held-out captions."""
+  steps: int
+  batch_size: int
+  resolution: int
+  learning_rate: float
+  seed: int
+  losses: tuple[float, ...]
+  order_train: float
+  order_held_out: float
+  seconds: float
+
+  def summary(self) -> str:
+    return (f"grounding: {self.steps} steps in {self.seconds:.0f}s, loss "
+            f"{self.losses[0]:.3f} -> {self.losses[-1]:.3f}; the caption's layout order in "
+            f"{self.order_train:.0%} of training and {self.order_held_out:.0%} of held-out "
+            "captions (50% = chance)")
+
+
+def _check(steps: int, batch_size: int, resolution: int, learning_rate: float) -> None:
+  if steps < 0:
+    raise UserError(f"grounding steps={steps} is negative; use 0 (a random encoder) or more")
+  if batch_size < 1:
+    raise UserError(f"grounding batch_size={batch_size} must be at least 1")
+  if resolution < 2:
+    raise UserError(f"grounding resolution={resolution} must be at least 2 pixels: the "
+                    "head must see left from right")
+  if not learning_rate > 0:
+    raise UserError(f"grounding learning_rate={learning_rate} must be positive")
+
+
+def order_accuracy(predict, vocabulary, captions: Sequence[str], resolution: int,
+                   max_length: int) -> float:
+  """The fraction of two-object captions whose predicted image is closer to the caption's
+  mean image than to that of the caption with its objects swapped (0.5 = chance)."""
+  tokens = vocab_lib.tokenize(vocabulary, list(captions), max_length)
+  pred = np.asarray(predict(jnp.asarray(tokens.ids), jnp.asarray(tokens.mask)))
+  n = len(captions)
+  def dist(target):
+    return np.linalg.norm((pred - target).reshape(n, -1), axis=1)
+  own = np.stack([shapes.mean_render(c, resolution) for c in captions])
+  swapped = np.stack([shapes.mean_render(shapes.swap_objects(c), resolution)
+                      for c in captions])
+  return float(np.mean(dist(own) < dist(swapped)))
+
+
+def pretrain(encoder: t5.T5Encoder, vocabulary, *, steps: int = 1000, batch_size: int = 128,
+             resolution: int = 8, learning_rate: float = 3e-3, max_length: int = 16,
+             num_scenes: int = 20_000, seed: int = 0, n_probe: int = 48,
+             log_every: int = 50, progress: bool = True) -> GroundingReport:
+  """Trains `encoder` in place (with a fresh GroundingHead) for `steps` steps of Adam on
+  the MSE between the head's prediction and the scene rendered at `resolution`.
+
+  Scenes are the first `num_scenes` (at most steps * batch_size) of
+  `shapes.sample_scene(seed, i)`; batches are drawn from them with `seed`. Deterministic:
+  the same arguments give the same weights. `vocabulary` is a seqio vocabulary (the
+  encoder's tokenizer).
+  """
+  _check(steps, batch_size, resolution, learning_rate)
+  start = time.time()
+  head = GroundingHead(encoder.config.d_model, resolution, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split((encoder, head))
+  num_scenes = max(1, min(num_scenes, steps * batch_size))
+  scenes = [shapes.sample_scene(seed, i) for i in range(num_scenes)]
+  images = np.stack([shapes.render(s, resolution) for s in scenes])
+  images = images.astype(np.float32) / 127.5 - 1
+  tokens = vocab_lib.tokenize(vocabulary, [s.caption for s in scenes], max_length)
+  if tokens.truncated:
+    raise UserError(f"grounding: max_length={max_length} cuts caption "
+                    f"{scenes[tokens.truncated[0]].caption!r}; raise max_length")
+
+  def predict(params, ids, mask):
+    encoder, head = nnx.merge(graphdef, params)
+    return head(encoder(ids, mask), mask)
+
+  tx = optax.adam(learning_rate)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, ids, mask, target):
+    def loss_fn(p):
+      return jnp.mean(jnp.square(predict(p, ids, mask) - target))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  losses = []
+  for step in tqdm(range(steps), desc="grounding the text encoder", unit="step",
+                   disable=not progress):
+    batch = rng.integers(num_scenes, size=batch_size)
+    params, opt_state, loss = train_step(params, opt_state, tokens.ids[batch],
+                                         tokens.mask[batch], images[batch])
+    if step % log_every == 0 or step == steps - 1:
+      losses.append(float(loss))
+  nnx.update(encoder, params[0])
+
+  def probe(split):
+    two = [c for c in shapes.all_captions(split) if shapes.parse_caption(c).relation]
+    picked = np.random.default_rng(0).choice(two, min(n_probe, len(two)), replace=False)
+    predict_fn = jax.jit(lambda ids, mask: predict(params, ids, mask))
+    return order_accuracy(predict_fn, vocabulary, [str(c) for c in picked], resolution,
+                          max_length)
+
+  return GroundingReport(steps=steps, batch_size=batch_size, resolution=resolution,
+                         learning_rate=learning_rate, seed=seed,
+                         losses=tuple(losses) or (math.nan,),
+                         order_train=probe("train"), order_held_out=probe("held_out"),
+                         seconds=time.time() - start)

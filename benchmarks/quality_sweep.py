@@ -33,6 +33,7 @@ Text assets and the embedding cache are built on first use in --work (a random T
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -65,7 +66,11 @@ def ensure_text(work: str, *, d_model: int, num_layers: int, num_heads: int,
   caption; -> cache dir."""
   from imagen_jax.text.encode import TextEncoder
   if t5_dir:
-    tag = "t5_" + os.path.basename(os.path.normpath(t5_dir))
+    # Keyed by the weights too: two T5 directories of one name (e.g. runs' "t5") must not
+    # share a cache.
+    with open(os.path.join(t5_dir, "model.safetensors"), "rb") as f:
+      digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    tag = f"t5_{os.path.basename(os.path.normpath(t5_dir))}_{digest}"
   else:
     tag = f"t5_d{d_model}_l{num_layers}_h{num_heads}"
     t5_dir = os.path.join(work, tag)

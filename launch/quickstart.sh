@@ -19,6 +19,8 @@
 #   6. imagen-eval shapesbench: scores every image; prints one table per stage.
 #
 # --smoke: every phase with tiny models, a few steps and a few prompts (CI; ~2 minutes).
+# --grounding_steps=N: steps of grounding for the small T5 (default 1000, 5 with --smoke;
+#   0 keeps its fixed random weights, the setup before grounding; docs/quickstart.md).
 # --t5=PATH (or T5_PATH=PATH): a Hugging Face T5 directory (config.json, model.safetensors,
 #   spiece.model), e.g. t5-v1_1-small converted as docs/text.md says. Its width becomes the
 #   models' TEXT_DIM and captions may take up to 32 of its tokens.
@@ -31,23 +33,35 @@ ROOT="$PWD"
 
 me="quickstart.sh"
 usage() {
-  echo "usage: $me [--smoke] [--t5=PATH] [OUT_DIR]   (default OUT_DIR: runs/quickstart)" >&2
+  echo "usage: $me [--smoke] [--t5=PATH | --grounding_steps=N] [OUT_DIR]   (default OUT_DIR: runs/quickstart)" >&2
   exit 2
 }
 die() { echo "$me: $*" >&2; exit 2; }
 
 smoke=0
 t5="${T5_PATH:-}"
+grounding_steps=""
 out=""
 for arg in "$@"; do
   case "$arg" in
     --smoke) smoke=1 ;;
     --t5=*) t5="${arg#--t5=}" ;;
+    --grounding_steps=*) grounding_steps="${arg#--grounding_steps=}" ;;
     -h|--help) usage ;;
     -*) echo "$me: unknown option $arg" >&2; usage ;;
     *) [ -z "$out" ] || usage; out="$arg" ;;
   esac
 done
+if [ -n "$grounding_steps" ]; then
+  [[ "$grounding_steps" =~ ^[0-9]+$ ]] || die "--grounding_steps=$grounding_steps must be a" \
+      "whole number of steps (0: the small T5 keeps its random weights)"
+  [ -z "$t5" ] || die "--grounding_steps applies to the quickstart's small T5, not to" \
+      "--t5=$t5; drop one of the two"
+elif [ "$smoke" = 1 ]; then
+  grounding_steps=5
+else
+  grounding_steps=1000
+fi
 out="${out:-runs/quickstart}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
@@ -98,14 +112,25 @@ if [ -n "$t5" ]; then
 else
   t5="$out/t5"
   max_length=16   # the longest shapes caption is 10 pieces + EOS with the toy tokenizer
-  if [ -f "$t5/model.safetensors" ]; then
+  # grounding.json is written last, so a complete grounded T5 of the requested steps is
+  # reused; anything else is rewritten (deterministic: same flags, same bytes).
+  done_steps=""
+  if [ -f "$t5/grounding.json" ]; then
+    done_steps="$("$bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["steps"])' "$t5/grounding.json")"
+  fi
+  if [ "$grounding_steps" != 0 ] && [ "$done_steps" = "$grounding_steps" ]; then
     echo "reusing $t5"
   else
-    if [ "$smoke" = 1 ]; then grounding_steps=5; else grounding_steps=1000; fi
     "$bin/python" -m imagen_jax.text.toy --out="$t5" --grounding_steps="$grounding_steps"
   fi
-  echo "NOTE: this T5 is not a pretrained language model: random weights, grounded for a" \
-       "minute on the shapes training split (no pretrained T5 is downloaded); see docs/quickstart.md"
+  if [ "$grounding_steps" = 0 ]; then
+    echo "NOTE: this T5 has fixed random weights (--grounding_steps=0): it does not tell the" \
+         "U-Net which object goes where; see docs/quickstart.md"
+  else
+    echo "NOTE: this T5 is not a pretrained language model: random weights, grounded for" \
+         "$grounding_steps steps on the shapes training split (no pretrained T5 is downloaded);" \
+         "see docs/quickstart.md"
+  fi
 fi
 text_dim="$("$bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["d_model"])' "$t5/config.json")"
 

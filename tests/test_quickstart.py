@@ -120,6 +120,10 @@ def test_quickstart_bad_arguments(tmp_path):
   assert result.returncode == 2 and "unknown option --bogus" in result.stderr
   result = _quickstart(f"--t5={tmp_path / 'missing'}", str(tmp_path / "out"))
   assert result.returncode == 2 and "is not a T5 directory" in result.stderr
+  result = _quickstart("--grounding_steps=-3", str(tmp_path / "out"))
+  assert result.returncode == 2 and "--grounding_steps=-3 must be a whole number" in result.stderr
+  result = _quickstart("--grounding_steps=5", f"--t5={tmp_path}", str(tmp_path / "out"))
+  assert result.returncode == 2 and "drop one of the two" in result.stderr
 
 
 @pytest.mark.slow
@@ -147,9 +151,21 @@ def test_quickstart_smoke_runs_every_phase(tmp_path):
   assert bench["n_scored"] == 2 * len(prompts)
   for stage in bench["stages"].values():
     assert {"train", "held_out"} <= set(stage), stage
-  # Both stages were trained on the quickstart's random T5 (its width, its identity).
+  # The small T5 was grounded (5 steps in smoke), and both stages were trained on its
+  # embeddings (its width, its identity).
+  assert json.loads((out / "t5" / "grounding.json").read_text())["steps"] == 5
   cache = json.loads((out / "cache" / "manifest.json").read_text())
   for stage, size in (("base", 16), ("sr", 64)):
     info = json.loads((out / stage / "model.json").read_text())
     assert info["image_size"] == size and info["text_dim"] == 64
     assert info["encoder"]["weights_sha256"] == cache["encoder"]["weights_sha256"]
+
+  # Running it again resumes: the grounded T5 is reused (not rewritten), training and
+  # sampling find their work done, and the images are unchanged.
+  weights = (out / "t5" / "model.safetensors").read_bytes()
+  grid = (samples / "grid.png").read_bytes()
+  again = _quickstart("--smoke", str(out))
+  assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+  assert f"reusing {out / 't5'}" in again.stdout
+  assert (out / "t5" / "model.safetensors").read_bytes() == weights
+  assert (samples / "grid.png").read_bytes() == grid

@@ -65,19 +65,18 @@ def ensure_text(work: str, *, d_model: int, num_layers: int, num_heads: int,
   """A random T5 of the given size (or the T5 in `t5_dir`) and a cache of every shapes
   caption; -> cache dir."""
   from imagen_jax.text.encode import TextEncoder
-  if t5_dir:
-    # Keyed by the weights too: two T5 directories of one name (e.g. runs' "t5") must not
-    # share a cache.
-    with open(os.path.join(t5_dir, "model.safetensors"), "rb") as f:
-      digest = hashlib.sha256(f.read()).hexdigest()[:12]
-    tag = f"t5_{os.path.basename(os.path.normpath(t5_dir))}_{digest}"
-  else:
-    tag = f"t5_d{d_model}_l{num_layers}_h{num_heads}"
-    t5_dir = os.path.join(work, tag)
-  cache_dir = os.path.join(work, f"cache_{tag}_L{max_length}")
-  if not os.path.exists(os.path.join(t5_dir, "model.safetensors")):
+  if not t5_dir:
+    t5_dir = os.path.join(work, f"t5_d{d_model}_l{num_layers}_h{num_heads}")
+  weights = os.path.join(t5_dir, "model.safetensors")
+  if not os.path.exists(weights):  # --t5 names a random T5 (no grounding)
     toy.make_toy_text_assets(t5_dir, d_model=d_model, num_layers=num_layers,
-                             num_heads=num_heads)
+                             num_heads=num_heads, grounding_steps=0)
+  # Keyed by the weights too: two T5 directories of one name (e.g. runs' "t5") must not
+  # share a cache.
+  with open(weights, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()[:12]
+  tag = f"t5_{os.path.basename(os.path.normpath(t5_dir))}_{digest}"
+  cache_dir = os.path.join(work, f"cache_{tag}_L{max_length}")
   if not os.path.exists(os.path.join(cache_dir, "manifest.json")):
     enc = TextEncoder.load(t5_dir, max_length=max_length, batch_size=128)
     captions = shapes.all_captions("train") + shapes.all_captions("held_out")

@@ -170,12 +170,12 @@ def pretrain(encoder: t5.T5Encoder, vocabulary, *, steps: int = 1000, batch_size
     if step % log_every == 0 or step == steps - 1:
       losses.append(float(loss))
   nnx.update(encoder, params[0])
+  trained = jax.jit(lambda ids, mask: predict(params, ids, mask))  # compiled once
 
   def probe(split):
     two = [c for c in shapes.all_captions(split) if shapes.parse_caption(c).relation]
     picked = np.random.default_rng(0).choice(two, min(n_probe, len(two)), replace=False)
-    predict_fn = jax.jit(lambda ids, mask: predict(params, ids, mask))
-    return order_accuracy(predict_fn, vocabulary, [str(c) for c in picked], resolution,
+    return order_accuracy(trained, vocabulary, [str(c) for c in picked], resolution,
                           max_length)
 
   return GroundingReport(steps=steps, batch_size=batch_size, resolution=resolution,

@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "etils[epath]>=1.7,<2",
     "numpy>=1.26,<3",
     "scipy>=1.11,<2",
+    "grain>=0.2.12,<0.3",
+    "pyarrow>=14",
 ]
 
 setuptools.setup(
@@ -33,7 +35,7 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["imagen_jax", "imagen_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-image>=0.22"]},
     entry_points={
         "console_scripts": [
             "imagen-train=imagen_jax.cli.train:main",

@@ -42,6 +42,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from imagen_jax import weights as weight_io
 from imagen_jax.errors import UserError
 
 # Hugging Face's names for the activation of the feed-forward ("gated-gelu" is the tanh
@@ -311,60 +312,6 @@ def hf_key_map(config: T5Config) -> list[tuple[tuple[Any, ...], str, Callable, C
 _EMBEDDING_KEYS = ("encoder.embed_tokens.weight", "shared.weight")
 
 
-def _weight_files(path: epath.Path) -> dict[str, str]:
-  """HF key -> file name, for single-file or sharded (index.json) safetensors."""
-  index = path / "model.safetensors.index.json"
-  if index.exists():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError) as e:
-      raise UserError(f"{index} is not a valid safetensors index (needs a 'weight_map'): "
-                      f"{e}") from e
-    return dict(weight_map)
-  single = path / "model.safetensors"
-  if single.exists():
-    return {key: "model.safetensors" for key in _safetensors_keys(single)}
-  found = sorted(p.name for p in path.iterdir())
-  hint = ""
-  if any(name.endswith(".bin") for name in found):
-    hint = (" (PyTorch .bin weights are not read, to avoid depending on torch: convert "
-            "once with `T5EncoderModel.from_pretrained(DIR).save_pretrained(OUT)` in "
-            "transformers, which writes safetensors)")
-  raise UserError(f"no model.safetensors or model.safetensors.index.json in {path}; "
-                  f"found {found}{hint}")
-
-
-def _is_local(path: epath.Path) -> bool:
-  return "://" not in os.fspath(path)
-
-
-def _safetensors_keys(file: epath.Path) -> list[str]:
-  if _is_local(file):
-    from safetensors import safe_open
-    with safe_open(os.fspath(file), framework="np") as f:
-      return list(f.keys())
-  import safetensors.numpy
-  return list(safetensors.numpy.load(file.read_bytes()).keys())
-
-
-def _read_tensors(file: epath.Path, keys: list[str]) -> dict[str, np.ndarray]:
-  """Reads only `keys` from a local file; a remote (gs://) file is read whole."""
-  if not file.exists():
-    raise UserError(f"safetensors file {file} (named in the index) does not exist")
-  try:
-    if _is_local(file):
-      from safetensors import safe_open
-      with safe_open(os.fspath(file), framework="np") as f:
-        return {k: f.get_tensor(k) for k in keys}
-    import safetensors.numpy
-    tensors = safetensors.numpy.load(file.read_bytes())
-    return {k: tensors[k] for k in keys}
-  except (OSError, KeyError) as e:
-    raise UserError(f"cannot read {keys[:3]}... from {file}: {e}") from e
-  except Exception as e:  # safetensors raises its own SafetensorError on a bad header
-    raise UserError(f"{file} is not a readable safetensors file: {e}") from e
-
-
 def read_config(path: str | os.PathLike) -> T5Config:
   path = epath.Path(path)
   if not path.is_dir():
@@ -384,7 +331,7 @@ def read_config(path: str | os.PathLike) -> T5Config:
 
 def _read_encoder_weights(path: epath.Path, config: T5Config) -> dict[str, np.ndarray]:
   """HF key -> array for every tensor the encoder needs (decoder keys are ignored)."""
-  files = _weight_files(path)
+  files = weight_io.weight_files(path)
   needed = [row[1] for row in hf_key_map(config)]
   embedding = next((k for k in _EMBEDDING_KEYS if k in files), None)
   if embedding is None:
@@ -398,12 +345,7 @@ def _read_encoder_weights(path: epath.Path, config: T5Config) -> dict[str, np.nd
                     f"{missing[0]!r}; is it a T5 checkpoint with config.json's num_layers="
                     f"{config.num_layers} and feed_forward_proj="
                     f"{config.feed_forward_proj!r}?")
-  by_file: dict[str, list[str]] = {}
-  for src in set(sources.values()):
-    by_file.setdefault(files[src], []).append(src)
-  raw: dict[str, np.ndarray] = {}
-  for name, keys in sorted(by_file.items()):
-    raw.update(_read_tensors(path / name, sorted(keys)))
+  raw = weight_io.read_hf_weights(path, sources.values(), files)
   return {key: raw[src] for key, src in sources.items()}
 
 

@@ -64,6 +64,40 @@ def test_run_turns_user_error_into_exit_2(capsys):
   assert capsys.readouterr().err.strip() == "error: bad thing; do X"
 
 
+def test_error_inside_a_configurable_is_one_line_without_gins_trailer(capsys):
+  """gin appends "In call to configurable '_raises' (<function ...>)" to any exception
+  raised inside a configurable; run() prints only the message."""
+  @gin.configurable
+  def _raises(value=1):
+    raise UserError(f"value={value} is bad; set _raises.value to 2")
+
+  config.parse_gin([], ["_raises.value = 3"])
+  with pytest.raises(UserError, match="In call to configurable"):  # what gin raises
+    _raises()
+  assert gin_utils.run(lambda argv: _raises(), []) == 2
+  err = capsys.readouterr().err
+  assert err == "error: value=3 is bad; set _raises.value to 2\n"
+
+
+def test_gin_parse_error_is_one_line(tmp_path, capsys):
+  f = tmp_path / "bad.gin"
+  f.write_text("_probe.value = 1\n_probe.vlaue = 2\n")
+  assert gin_utils.run(lambda argv: config.parse_gin([str(f)]), []) == 2
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and "bad.gin" in err and "line 2" in err, err
+
+
+def test_train_cli_error_is_exactly_one_line(tmp_path, capsys):
+  from imagen_jax.cli import train as train_cli
+  code = train_cli.main([f"--gin.MODEL_DIR='{tmp_path}'", "--gin.TRAIN_STEPS=1",
+                         "--gin.DATASET='shapes'", "--gin.BATCH_SIZE=8",
+                         "--gin_file=models/tiny_base.gin", "--gin_file=runs/train.gin",
+                         "--gin.train.max_minutes=-1"])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: train.max_minutes must be > 0") and err.count("\n") == 1, err
+
+
 def test_operative_config_written(tmp_path):
   config.parse_gin([], ["_probe.value = 5"])
   _probe()

@@ -84,13 +84,26 @@ def _exit_now_if_distributed(code: int) -> None:
     hosts.fail_fast_exit(code)
 
 
+_GIN_CALL_TRAILER = "\n  In call to configurable "
+
+
+def one_line(message: str) -> str:
+  """An error message as one line: without the trailer gin appends to any exception raised
+  inside a configurable ("In call to configurable 'train' (<function ...>)", which names
+  no fix), and with the lines of gin's parse errors (file, line, the text and a caret
+  under it) joined by spaces."""
+  message = message.split(_GIN_CALL_TRAILER, 1)[0]
+  parts = [line.strip() for line in message.splitlines()]
+  return " ".join(p for p in parts if p and set(p) != {"^"})
+
+
 def run(main: Callable[[Sequence[str] | None], int | None],
         argv: Sequence[str] | None = None) -> int:
   """Runs a CLI main; expected errors print one line to stderr and return 2."""
   try:
     return main(argv) or 0
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {one_line(str(e))}", file=sys.stderr)
     _exit_now_if_distributed(2)
     return 2
   except KeyboardInterrupt:

@@ -51,13 +51,13 @@ def build_step(gin_files: list[str], bindings: list[str], batch: int, text_lengt
   """-> (jitted step, state, device batch, num_params, compile seconds, FLOPs per step)."""
   import gin
   import jax
-  from imagen_jax.cli import gin_utils
+  from imagen_jax import config
   import imagen_jax.nn as nn
   from imagen_jax.train import optim, state as state_lib, step as step_lib
   from imagen_jax.train import metrics as metrics_lib
 
   gin.clear_config()
-  gin_utils.parse_gin(gin_files, bindings, finalize=False)
+  config.parse_gin(gin_files, bindings, finalize=False)
   model = nn.init_model(0)
   graphdef, params, rest = state_lib.split_model(model)
   tx, lr = optim.make_optimizer(learning_rate=1e-4)

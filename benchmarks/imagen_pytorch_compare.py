@@ -127,9 +127,9 @@ def torch_worker(args) -> int:
 # --------------------------------------------------------------------------- our side
 def model_shape(gin_files, bindings) -> dict:
   import gin
-  from imagen_jax.cli import gin_utils
+  from imagen_jax import config
   import imagen_jax.nn  # noqa: F401
-  gin_utils.parse_gin(gin_files, bindings, finalize=False)
+  config.parse_gin(gin_files, bindings, finalize=False)
   cls = gin.query_parameter("create_model.model_cls")
   if "UNet" not in str(cls) or "Efficient" in str(cls):
     raise SystemExit(f"the comparison supports the base UNet only, got {cls}")

@@ -5,7 +5,7 @@
 #   launch/multiprocess_cpu.sh N [--devices_per_process=2] [--port=PORT] [--timeout=SECONDS]
 #       [--grace=SECONDS] -- COMMAND [ARGS...]
 #
-#   launch/multiprocess_cpu.sh 2 -- python -m imagen_jax.parallel.smoke --workdir=/tmp/s
+#   launch/multiprocess_cpu.sh 2 -- python -m imagen_jax.cli.smoke --workdir=/tmp/s
 #   launch/multiprocess_cpu.sh 2 -- imagen-train --gin_file=... --gin.MODEL_DIR="'runs/mp'"
 #
 # Process i runs `COMMAND ARGS... --coordinator_address=localhost:PORT --process_count=N

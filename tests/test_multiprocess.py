@@ -1,5 +1,5 @@
 """Real multi-process JAX jobs on one CPU: 2 processes x 2 simulated devices, started by
-launch/multiprocess_cpu.sh (or directly), running `python -m imagen_jax.parallel.smoke`.
+launch/multiprocess_cpu.sh (or directly), running `python -m imagen_jax.cli.smoke`.
 
 - the job joins, sees 4 global devices, builds global arrays from per-process rows whose
   all-reduced sums are right, takes process 0's decision everywhere (the time limit's
@@ -22,7 +22,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LAUNCHER = str(REPO / "launch" / "multiprocess_cpu.sh")
-SMOKE = [sys.executable, "-m", "imagen_jax.parallel.smoke"]
+SMOKE = [sys.executable, "-m", "imagen_jax.cli.smoke"]
 
 
 def records(stdout: str, tag: str) -> dict[int, dict]:

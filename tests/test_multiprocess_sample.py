@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from imagen_jax import config
 from imagen_jax.cli import sample as sample_cli
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def write_base_stage(model_dir: pathlib.Path, identity: dict) -> str:
   ckpt.close()
   info = checkpoint.model_info(model, params, loss_cfg=step_lib.LossConfig(), encoder=identity)
   checkpoint.check_or_write_model_json(model_dir, info)
-  (model_dir / "model.gin").write_text(checkpoint.model_gin_str())
+  (model_dir / "model.gin").write_text(config.model_gin_str())
   gin.clear_config()
   return os.fspath(model_dir)
 

@@ -8,7 +8,8 @@ import sys
 import jax
 import pytest
 
-from imagen_jax.cli import gin_utils, plan as plan_cli
+from imagen_jax import config
+from imagen_jax.cli import plan as plan_cli
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.train import plan as plan_lib
@@ -17,10 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _plan(gin_files, mesh_spec, bindings=(), **kw):
-  gin_utils.parse_gin(gin_files, bindings)
+  config.parse_gin(gin_files, bindings)
   shape = mesh_lib.parse_mesh_spec(mesh_spec)
   mesh = mesh_lib.make_mesh(shape, devices=jax.devices()[:plan_lib.devices_for(shape)])
-  return plan_lib.plan_training(mesh, **kw)
+  settings = plan_lib.gin_settings(kw.pop("batch_size", None))
+  return plan_lib.plan_training(mesh, **settings, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +105,18 @@ def test_cli_json_in_its_own_process_simulates_the_mesh_devices():
   assert isinstance(plan["bytes_per_device"], int)
   assert plan["train_flops_per_example"] > 0
   assert plan["devices"] == 4 and plan["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+
+
+def test_plan_takes_its_settings_as_arguments_and_gin_settings_reads_the_run():
+  """plan_training reads no gin binding of the run (train.*, macros); gin_settings does."""
+  from imagen_jax.train import loop  # noqa: F401  (registers train.*)
+  config.parse_gin(["models/tiny_base.gin"], ["train.micro_batches = 3", "MAX_LENGTH = 16",
+                                             "BATCH_SIZE = 12"])
+  settings = plan_lib.gin_settings()
+  assert settings["micro_batches"] == 3 and settings["text_length"] == 16
+  assert (settings["batch_size"], settings["batch_source"]) == (12, "BATCH_SIZE")
+  assert plan_lib.gin_settings(8)["batch_size"] == 8
+  mesh = mesh_lib.make_mesh("data:2", devices=jax.devices()[:2])
+  # The binding says 3 micro-batches; the argument says 5, which does not divide 4 rows.
+  with pytest.raises(UserError, match="micro_batches=5"):
+    plan_lib.plan_training(mesh, batch_size=8, micro_batches=5, compile_step=False)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from imagen_jax import config
 from imagen_jax.cli import sample as sample_cli
 from imagen_jax.errors import UserError
 from imagen_jax.sample import cascade as cascade_lib
@@ -89,7 +90,7 @@ def _write_stage(model_dir, model_gin: str, identity: dict, seed: int) -> str:
   info = checkpoint.model_info(abstract, params, loss_cfg=step_lib.LossConfig(),
                                encoder=identity)
   checkpoint.check_or_write_model_json(model_dir, info)
-  (model_dir / "model.gin").write_text(checkpoint.model_gin_str())
+  (model_dir / "model.gin").write_text(config.model_gin_str())
   gin.clear_config()
   return os.fspath(model_dir)
 

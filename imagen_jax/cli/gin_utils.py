@@ -11,6 +11,9 @@
 - An unknown or misspelled binding stops the run before any work with gin's message,
   which names the file and line.
 
+Parsing itself (files, search paths, the operative config) is `imagen_jax.config`; this
+module only adds the command-line flags and `run`.
+
 `run(main)` wraps a CLI entry point: `UserError` and gin's parse errors become one line on
 stderr and exit status 2, never a bare traceback.
 """
@@ -18,33 +21,16 @@ stderr and exit status 2, never a bare traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
-import gin
-from etils import epath
-
+from imagen_jax import config
 from imagen_jax.errors import UserError
 
-class _DropGinIncludeProbes(logging.Filter):
-  """gin tries every include as a Python package path first, logging each probe on the
-  root logger (INFO) and "Path not found" (ERROR) when it is not one, even though it then
-  finds the file in the search paths. Those lines are noise; the second looks like a
-  failure."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if not record.pathname.endswith(os.path.join("gin", "resource_reader.py")):
-      return True
-    return record.levelno >= logging.WARNING and not str(record.msg).startswith(
-        "Path not found")
-
-
-logging.getLogger().addFilter(_DropGinIncludeProbes())
-
-# gin_configs/ sits next to the package in a checkout (and in an editable install).
-GIN_CONFIGS_DIR = epath.Path(__file__).parent.parent.parent / "gin_configs"
+# The gin helpers live in the library (imagen_jax.config); CLIs may reach them from here.
+parse_gin = config.parse_gin
+require_macros = config.require_macros
+write_operative_config = config.write_operative_config
 
 
 def add_gin_flags(parser: argparse.ArgumentParser) -> None:
@@ -85,64 +71,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
   return parser.parse_args(rewrite_gin_args(argv))
 
 
-def search_paths(extra: Sequence[str] = ()) -> list[epath.Path]:
-  return [epath.Path(os.getcwd()), *[epath.Path(p) for p in extra], GIN_CONFIGS_DIR]
-
-
-def resolve_gin_file(name: str, extra_search_paths: Sequence[str] = ()) -> str:
-  """Finds a gin file in the search paths; raises UserError naming where it looked."""
-  path = epath.Path(name)
-  if path.is_absolute() or "://" in name:
-    if path.exists():
-      return os.fspath(path)
-    raise UserError(f"gin file {name!r} does not exist")
-  tried = []
-  for root in search_paths(extra_search_paths):
-    candidate = root / name
-    if candidate.exists():
-      return os.fspath(candidate)
-    tried.append(os.fspath(root))
-  raise UserError(f"gin file {name!r} not found in {tried}; pass a full path or add "
-                  "--gin_search_paths=DIR")
-
-
-def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-              gin_search_paths: Sequence[str] = (), *, finalize: bool = True) -> None:
-  """Parses gin files then bindings, as t5x does. Errors become UserError with gin's text."""
-  for root in search_paths(gin_search_paths):
-    gin.add_config_file_search_path(os.fspath(root))
-  files = [resolve_gin_file(f, gin_search_paths) for f in gin_files]
-  try:
-    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=finalize)
-  except (ValueError, KeyError, SyntaxError, NameError, ImportError, IOError) as e:
-    # gin's messages already carry the file and line ("In file foo.gin, line 3").
-    raise UserError(f"gin config error: {e}") from e
-
-
 def apply_gin_args(args: argparse.Namespace, *, finalize: bool = True) -> None:
   parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths, finalize=finalize)
-
-
-def write_operative_config(directory: str | os.PathLike, name: str = "config.gin") -> str:
-  """Writes gin's operative config (every value actually used) to directory/name."""
-  path = epath.Path(directory) / name
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(gin.operative_config_str())
-  return os.fspath(path)
-
-
-def require_macros(*names: str) -> None:
-  """Raises UserError unless every named gin macro is bound (e.g. MODEL_DIR)."""
-  missing = []
-  for name in names:
-    try:
-      gin.query_parameter(f"{name}/macro.value")
-    except ValueError:
-      missing.append(name)
-  if missing:
-    raise UserError("required gin macro(s) not set: " + ", ".join(missing) + "; set each "
-                    "in a gin file or with --gin.NAME=VALUE (strings need quotes: "
-                    "--gin.MODEL_DIR=\"'runs/x'\")")
 
 
 def _exit_now_if_distributed(code: int) -> None:
@@ -154,13 +84,26 @@ def _exit_now_if_distributed(code: int) -> None:
     hosts.fail_fast_exit(code)
 
 
+_GIN_CALL_TRAILER = "\n  In call to configurable "
+
+
+def one_line(message: str) -> str:
+  """An error message as one line: without the trailer gin appends to any exception raised
+  inside a configurable ("In call to configurable 'train' (<function ...>)", which names
+  no fix), and with the lines of gin's parse errors (file, line, the text and a caret
+  under it) joined by spaces."""
+  message = message.split(_GIN_CALL_TRAILER, 1)[0]
+  parts = [line.strip() for line in message.splitlines()]
+  return " ".join(p for p in parts if p and set(p) != {"^"})
+
+
 def run(main: Callable[[Sequence[str] | None], int | None],
         argv: Sequence[str] | None = None) -> int:
   """Runs a CLI main; expected errors print one line to stderr and return 2."""
   try:
     return main(argv) or 0
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {one_line(str(e))}", file=sys.stderr)
     _exit_now_if_distributed(2)
     return 2
   except KeyboardInterrupt:

@@ -64,7 +64,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
   from imagen_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   gin_utils.apply_gin_args(args)
   mesh = mesh_lib.make_mesh(shape, devices=jax.devices()[:count])
-  result = plan_lib.plan_training(mesh, batch_size=args.batch,
+  result = plan_lib.plan_training(mesh, **plan_lib.gin_settings(args.batch),
                                   compile_step=not args.no_compile)
   if args.json:
     print(json.dumps(result, sort_keys=True))

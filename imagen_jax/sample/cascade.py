@@ -557,11 +557,11 @@ class Cascade:
   def from_config(cls, gin_files: str | Sequence[str], bindings: Sequence[str] = (),
                   **kwargs) -> "Cascade":
     """Parses gin files (searched as the CLIs do) and bindings, then `load_cascade()`."""
-    from imagen_jax.cli import gin_utils
+    from imagen_jax import config
     import imagen_jax.nn  # noqa: F401  (registers the configurables the gin files bind)
     import imagen_jax.text.encode  # noqa: F401
     gin_files = [gin_files] if isinstance(gin_files, (str, os.PathLike)) else list(gin_files)
-    gin_utils.parse_gin([os.fspath(f) for f in gin_files], list(bindings), finalize=False)
+    config.parse_gin([os.fspath(f) for f in gin_files], list(bindings), finalize=False)
     return load_cascade(**kwargs)
 
   # --- batching ---------------------------------------------------------------------

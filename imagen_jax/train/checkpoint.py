@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import gin
 import jax
@@ -94,56 +93,6 @@ def check_or_write_model_json(model_dir, info: dict, *, write: bool = True) -> N
     raise UserError(f"MODEL_DIR {os.fspath(model_dir)} was trained with text encoder "
                     f"{old['encoder']}, but the embedding cache now comes from "
                     f"{info['encoder']}; use the original cache or a new MODEL_DIR")
-
-
-# ----------------------------------------------------------------------------- model.gin
-
-_BLOCK = re.compile(r"^# Parameters for (?P<name>[^:]+):$")
-
-
-def _is_model_configurable(name: str) -> bool:
-  selector = name.split("/")[-1]
-  try:
-    configurable = gin.config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
-  except Exception:  # noqa: BLE001  (ambiguous or unknown names are not model settings)
-    return False
-  if configurable is None:
-    return False
-  module = getattr(configurable.wrapped, "__module__", "") or ""
-  return module.startswith("imagen_jax.nn")
-
-
-def model_gin_str(operative: str | None = None) -> str:
-  """The model's part of the operative config: every `imagen_jax.nn` configurable's block,
-  plus the macros those blocks use. Parsed on top of any config, it rebuilds the model."""
-  operative = gin.operative_config_str() if operative is None else operative
-  blocks, current, macros = [], None, {}
-  section = None
-  for line in operative.splitlines():
-    m = _BLOCK.match(line)
-    if m:
-      section = "params"
-      current = [m.group("name"), [line]]
-      blocks.append(current)
-      continue
-    if line.startswith("# Macros:"):
-      section = "macros"
-      continue
-    if section == "macros":
-      mm = re.match(r"^([A-Za-z_][\w.]*)\s*=", line)
-      if mm:
-        macros[mm.group(1)] = line
-      elif line.strip() and not line.startswith("#") and macros:
-        last = list(macros)[-1]
-        macros[last] += "\n" + line
-    elif section == "params" and current is not None:
-      current[1].append(line)
-  kept = ["\n".join(lines).rstrip() for name, lines in blocks if _is_model_configurable(name)]
-  body = "\n\n".join(kept)
-  used = [text for name, text in macros.items() if re.search(r"%" + re.escape(name) + r"\b",
-                                                             body)]
-  header = "# The model's gin config, written by imagen-train.\nimport imagen_jax.nn\n\n"
-  return header + ("\n".join(used) + "\n\n" if used else "") + body + "\n"
 
 
 # ----------------------------------------------------------------------------- checkpoints

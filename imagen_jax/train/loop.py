@@ -36,7 +36,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagen_jax import diffusion
+from imagen_jax import config, diffusion
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import hosts
@@ -352,9 +352,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                             sample_steps, sample_method, guidance_scale, seed)
 
   if is_main:
-    from imagen_jax.cli import gin_utils
-    gin_utils.write_operative_config(model_dir)
-    (model_dir / "model.gin").write_text(ckpt_lib.model_gin_str())
+    config.write_operative_config(model_dir)
+    (model_dir / "model.gin").write_text(config.model_gin_str())
   writer = metrics_lib.create_writer(model_dir, process_index=process_index,
                                      tensorboard=tensorboard)
   if is_main and start_step == 0:

@@ -24,14 +24,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagen_jax import nn
+from imagen_jax import config, nn
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.rules import state_shardings
@@ -40,18 +39,18 @@ from imagen_jax.train import optim, state as state_lib, step as step_lib
 DEFAULT_TEXT_LENGTH = 128  # T5's default maximum caption length (text/vocab.py)
 
 
-def _macro(name: str, default: Any = None) -> Any:
-  try:
-    return gin.query_parameter(f"{name}/macro.value")
-  except ValueError:
-    return default
-
-
-def _binding(name: str, default: Any = None) -> Any:
-  try:
-    return gin.query_parameter(name)
-  except ValueError:
-    return default
+def gin_settings(batch_size: int | None = None) -> dict:
+  """`plan_training`'s keyword arguments as the gin config sets them for a run: the
+  BATCH_SIZE and MAX_LENGTH macros, `train.micro_batches`, `train.crop_size` and
+  `make_optimizer.name`. An explicit `batch_size` (imagen-plan's --batch) wins."""
+  settings = {"batch_size": batch_size, "batch_source": "--batch"}
+  if batch_size is None:
+    settings.update(batch_size=config.macro("BATCH_SIZE"), batch_source="BATCH_SIZE")
+  return {**settings,
+          "micro_batches": config.binding("train.micro_batches", 1) or 1,
+          "crop_size": config.binding("train.crop_size"),
+          "text_length": config.macro("MAX_LENGTH", DEFAULT_TEXT_LENGTH),
+          "optimizer_name": config.binding("make_optimizer.name", "adam")}
 
 
 def bytes_per_device(shapes: Any, shardings: Any) -> int:
@@ -85,29 +84,29 @@ def _lowered_flops(lowered) -> float:
   return float(cost["flops"])
 
 
-def plan_training(mesh, *, batch_size: int | None = None, compile_step: bool = True
-                  ) -> dict:
-  """Plans one train step of the gin-configured model and optimizer on `mesh`.
+def plan_training(mesh, *, batch_size: int | None = None, batch_source: str = "--batch",
+                  micro_batches: int = 1, crop_size: int | None = None,
+                  text_length: int = DEFAULT_TEXT_LENGTH, optimizer_name: str = "adam",
+                  compile_step: bool = True) -> dict:
+  """Plans one train step of the model (`nn.abstract_model()`) and optimizer
+  (`optim.make_optimizer()`) on `mesh`; `gin_settings()` gives a run's other values.
 
-  `batch_size` is the global batch (default: the `BATCH_SIZE` macro, else one example per
-  data-parallel shard). Raises UserError for a batch that the batch axes do not divide.
+  `batch_size` is the global batch (None: one example per data-parallel shard); the other
+  arguments are the run's `train.micro_batches`, `train.crop_size`, text length and the
+  optimizer's name (for the report). Raises UserError for a batch that the batch axes or
+  the micro-batches do not divide.
   """
   dp = mesh_lib.data_parallel_size(mesh)
-  source = "--batch"
+  source = batch_source
   if batch_size is None:
-    batch_size = _macro("BATCH_SIZE")
-    source = "BATCH_SIZE"
-    if batch_size is None:
-      batch_size, source = dp, "default: one example per data-parallel shard"
+    batch_size, source = dp, "default: one example per data-parallel shard"
   if batch_size < 1 or batch_size % dp:
     raise UserError(f"global batch {batch_size} is not divisible by the data-parallel size "
                     f"{dp} (mesh data x fsdp); choose a multiple of {dp} with --batch")
-  micro = _binding("train.micro_batches", 1) or 1
+  micro = micro_batches
   if (batch_size // dp) % micro and micro > 1:
     raise UserError(f"global batch {batch_size} over {dp} data-parallel shards does not "
                     f"split into train.micro_batches={micro}")
-  crop_size = _binding("train.crop_size")
-  text_length = _macro("MAX_LENGTH", DEFAULT_TEXT_LENGTH)
 
   abstract = nn.abstract_model()  # raises UserError for an image size it cannot divide
   graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
@@ -146,7 +145,7 @@ def plan_training(mesh, *, batch_size: int | None = None, compile_step: bool = T
       "image_size": int(crop_size or abstract.image_size),
       "lowres_size": abstract.lowres_size,
       "text_shape": [int(text_length), int(abstract.text_dim)],
-      "optimizer": _binding("make_optimizer.name", "adam"),
+      "optimizer": optimizer_name,
       "remat": bool(remat),
       "train_flops_per_example": step_flops / batch_size,
       "model_flops_per_example": model_flops / batch_size,

@@ -1,7 +1,7 @@
 """A small multi-process check of everything multi-host training relies on.
 
-  launch/multiprocess_cpu.sh 2 -- python -m imagen_jax.parallel.smoke --workdir=/tmp/smoke
-  launch/tpu_pod.sh my-tpu us-central2-b -- python -m imagen_jax.parallel.smoke \
+  launch/multiprocess_cpu.sh 2 -- python -m imagen_jax.cli.smoke --workdir=/tmp/smoke
+  launch/tpu_pod.sh my-tpu us-central2-b -- python -m imagen_jax.cli.smoke \
       --workdir=gs://bucket/smoke
 
 Every process: joins the cluster (`hosts.initialize`), builds the global mesh, turns its

@@ -7,6 +7,7 @@ seed, the prompt and the low-resolution input. The compiled sampling programs ar
 through the persistent compilation cache (conftest.py).
 """
 
+import dataclasses
 import json
 import os
 
@@ -333,7 +334,37 @@ def test_resolution_mismatch_and_sr_as_base(env, cascade):
 
 def test_encoder_mismatch_is_refused(cascade):
   base = cascade.stages[0]
-  info = {**base.info, "encoder": {**base.info["encoder"], "weights_sha256": "0" * 64}}
+  info = dataclasses.replace(
+      base.info, encoder={**base.info.encoder, "weights_sha256": "0" * 64})
   other = cascade_lib.LoadedStage(base.config, base.model, info)
   with pytest.raises(UserError, match="weights_sha256"):
     cascade_lib.Cascade([other], cascade.text, mesh=cascade.mesh)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_trainer_preview_gives_the_imagen_sample_images(cascade, k):
+  """The trainer's preview of a checkpoint (train/loop.py) and `imagen-sample` on it give the
+  same images for the same prompts, seed and settings: both run sample/stage.py."""
+  from imagen_jax.train import loop
+  stage = cascade.stages[k]
+  settings = stage.config.sampling
+  prompts = PROMPTS[:4]
+  emb, mask = cascade.text(prompts)
+  rng = np.random.RandomState(k)
+  lowres = (rng.randint(0, 256, (4, 8, 8, 3)).astype(np.uint8) if stage.is_sr else None)
+  one_stage = cascade_lib.Cascade([stage], cascade.text, mesh=cascade.mesh)
+  expected = one_stage(prompts, seed=11, start_images=lowres)[-1][:, 0]
+  graphdef, params, rest = nnx.split(stage.model, nnx.Param, ...)
+  gin.clear_config()
+  gin.parse_config(f"preview/SamplerSettings.thresholding = '{settings.thresholding}'\n"
+                   f"preview/SamplerSettings.aug_level = {settings.aug_level}")
+  preview = loop._make_sampler(graphdef, rest, stage.info, cascade.mesh, 4,
+                               settings.num_steps, settings.sampler, settings.guidance_scale,
+                               seed=11)
+  gin.clear_config()
+  batch = {"text_emb": emb, "text_mask": mask, "image": np.zeros((4, 1), np.uint8)}
+  if lowres is not None:
+    batch["lowres"] = lowres
+  samples, _, _ = jax.device_get(preview(params, batch))
+  np.testing.assert_array_equal(samples, expected)
+  assert len({a.tobytes() for a in samples}) == 4  # not one constant image

@@ -368,3 +368,53 @@ def test_trainer_preview_gives_the_imagen_sample_images(cascade, k):
   samples, _, _ = jax.device_get(preview(params, batch))
   np.testing.assert_array_equal(samples, expected)
   assert len({a.tobytes() for a in samples}) == 4  # not one constant image
+
+
+def _with_aug(c, k, level):
+  """The cascade `c` with stage k's aug_level replaced."""
+  stages = list(c.stages)
+  s = stages[k]
+  stages[k] = cascade_lib.LoadedStage(dataclasses.replace(s.config, aug_level=level), s.model,
+                                      s.info)
+  return cascade_lib.Cascade(stages, c.text, mesh=c.mesh)
+
+
+@pytest.fixture(scope="module")
+def cascade3(env, cascade):
+  """Three stages: 8 px base -> 16 px SR -> 32 px SR."""
+  sr2_gin = SR_GIN.format(lowres=16).replace("image_size = 16", "image_size = 32")
+  sr2 = _write_stage(env["root"] / "sr2", sr2_gin, env["identity"], seed=4)
+  config = cascade_lib.Stage(model_dir=sr2, sampler="dpmpp_2m", num_steps=2,
+                             thresholding="static", guidance_scale=2.0)
+  loaded = cascade_lib.load_stage(config, mesh=cascade.mesh)
+  gin.clear_config()
+  return cascade_lib.Cascade([*cascade.stages, loaded], cascade.text, mesh=cascade.mesh)
+
+
+def test_three_stages_and_each_sr_stage_applies_its_aug_level(cascade3):
+  prompts = PROMPTS[:2]
+  ref = cascade3(prompts, seed=1)
+  assert [a.shape for a in ref] == [(2, 1, 8, 8, 3), (2, 1, 16, 16, 3), (2, 1, 32, 32, 3)]
+  last = _with_aug(cascade3, 2, 0.0)(prompts, seed=1)
+  np.testing.assert_array_equal(last[0], ref[0])
+  np.testing.assert_array_equal(last[1], ref[1])
+  assert np.abs(last[2].astype(int) - ref[2]).mean() > 1.0
+  middle = _with_aug(cascade3, 1, 0.0)(prompts, seed=1, stop_at_stage=2)
+  np.testing.assert_array_equal(middle[0], ref[0])
+  assert np.abs(middle[1].astype(int) - ref[1]).mean() > 1.0
+
+
+def test_aug_level_noises_the_lowres_input_at_sampling_time(cascade):
+  """At aug_level = 1 the low-res input is drowned in noise (alpha ~ 1e-7): two different
+  inputs give the same SR image. At 0 they give different images."""
+  sr = cascade.stages[1]
+  rng = np.random.RandomState(0)
+  a, b = (rng.randint(0, 256, (8, 8, 3)).astype(np.uint8) for _ in range(2))
+  for level, same in ((1.0, True), (0.0, False)):
+    sr_only = _with_aug(cascade_lib.Cascade([sr], cascade.text, mesh=cascade.mesh), 0, level)
+    out_a = sr_only.reproduce(PROMPTS[0], 5, start_image=a)[0].astype(int)
+    out_b = sr_only.reproduce(PROMPTS[0], 5, start_image=b)[0].astype(int)
+    if same:
+      assert np.abs(out_a - out_b).max() <= 1
+    else:
+      assert np.abs(out_a - out_b).mean() > 2.0

@@ -302,7 +302,7 @@ class StageSampler:
 
     settings, info = stage.config.sampling, stage.info
 
-    def sample(state, seeds, text_emb, text_mask, lowres):
+    def sample(state, seeds, text_emb, text_mask, lowres, aug_level):
       model = nnx.merge(graphdef, state)
 
       def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None):
@@ -310,7 +310,8 @@ class StageSampler:
                      lowres_log_snr=lowres_log_snr, train=False)
 
       x = stage_lib.sample_stage(model_fn, settings, info, seeds, stage_index,
-                                 text_emb=text_emb, text_mask=text_mask, lowres=lowres)
+                                 text_emb=text_emb, text_mask=text_mask, lowres=lowres,
+                                 aug_level=aug_level)
       return conditioning.to_uint8_image(x)
 
     self.jitted = jax.jit(sample, out_shardings=self.batch_sharding(4))
@@ -321,6 +322,8 @@ class StageSampler:
     args = [put(np.asarray(seeds, np.uint32)), put(np.asarray(text_emb, np.float32)),
             put(np.asarray(text_mask, bool))]
     args.append(None if lowres is None else put(np.asarray(lowres, np.uint8)))
+    # An argument, not a constant: stages that differ only in aug_level share one program.
+    args.append(np.float32(self.stage.config.aug_level))
     with jax.set_mesh(self.mesh):
       return self.jitted(self.state, *args)
 

@@ -136,7 +136,7 @@ def stage_keys(seeds, stage_index: int):
 
 
 def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: int, *,
-                 text_emb, text_mask, lowres=None):
+                 text_emb, text_mask, lowres=None, aug_level=None):
   """Samples one stage of the cascade for a batch; pure and jittable.
 
   Args:
@@ -149,6 +149,8 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
     text_emb, text_mask: [B, L, D] and [B, L] caption embeddings.
     lowres: uint8 [B, s, s, C], a super-resolution stage's input (noise conditioning
       augmentation at `settings.aug_level`, as in training), or None for a base stage.
+    aug_level: overrides `settings.aug_level`; may be a traced scalar, so that one compiled
+      program serves every level.
 
   Returns:
     float32 [B, H, W, C] in [-1, 1] (unclipped); `conditioning.to_uint8_image` quantises.
@@ -158,7 +160,8 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
   x_init = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(k_init)
   cond = {"text_emb": text_emb, "text_mask": text_mask}
   if lowres is not None:
-    aug_log_snr = diffusion.get_schedule(info.aug_schedule)(jnp.float32(settings.aug_level))
+    t_aug = settings.aug_level if aug_level is None else aug_level
+    aug_log_snr = diffusion.get_schedule(info.aug_schedule)(jnp.asarray(t_aug, jnp.float32))
     cond.update(conditioning.augment_lowres(conditioning.to_float_image(lowres), size,
                                             info.lowres_resize, aug_log_snr, k_aug))
   guided = diffusion.classifier_free_guidance(model_fn, settings.guidance_scale)

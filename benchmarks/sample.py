@@ -89,9 +89,10 @@ def random_stage(model_gin: str, stage: cascade_lib.Stage, identity: dict,
   params = random_params(abstract_params, seed)
   model = state_lib.merge_model(graphdef, params, checkpoint.model_rest_state(create))
   gin.clear_config()
-  info = {"image_size": model.image_size, "lowres_size": model.lowres_size,
-          "text_dim": model.text_dim, "objective": "eps", "schedule": "cosine",
-          "aug_schedule": "cosine", "lowres_resize": "bicubic", "encoder": identity}
+  info = checkpoint.ModelInfo(
+      model_class=type(model).__name__, image_size=model.image_size,
+      lowres_size=model.lowres_size, text_dim=model.text_dim, lowres_resize="bicubic",
+      encoder=identity)
   return cascade_lib.LoadedStage(stage, model, info)
 
 

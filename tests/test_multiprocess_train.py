@@ -91,7 +91,7 @@ def test_two_processes_with_restart_match_one_process(cache_dir, tmp_path):
   for use_ema in (False, True):
     p_two, info_two = params(two, use_ema=use_ema)
     p_one, info_one = params(one, use_ema=use_ema)
-    assert info_two["step"] == info_one["step"] == STEPS
+    assert info_two.step == info_one.step == STEPS
     assert sorted(p_two) == sorted(p_one)
     for name in p_one:
       np.testing.assert_allclose(p_two[name], p_one[name], rtol=1e-5, atol=1e-5,

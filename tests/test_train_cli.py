@@ -75,8 +75,8 @@ def test_export_and_load_for_inference(trained, tmp_path):
   model_dir, _ = trained
   model, info = ckpt_lib.load_for_inference(model_dir)
   assert type(model).__name__ == "UNet" and model.image_size == 8
-  assert info["step"] == STEPS and info["use_ema"] and info["objective"] == "eps"
-  assert "UNet.model_channels = 16" in info["model_gin"]
+  assert info.step == STEPS and info.use_ema and info.objective == "eps"
+  assert "UNet.model_channels = 16" in info.model_gin
   from flax import nnx
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   ema, _ = ckpt_lib.restore_params(model_dir, state_lib.abstract_like(params), use_ema=True)

@@ -8,26 +8,19 @@ sampler settings; `load_cascade` loads them into a `Cascade`, which a notebook c
   images = cascade(["a red circle"], num_samples=4, seed=0)   # list: one array per stage
   images[-1].shape                                            # [1, 4, H, W, 3] uint8
 
-How it runs (issue 6):
-- Every image has its own integer seed, `image_seed(seed, prompt_index, sample)`: the
-  prompt index and sample index folded into the root seed. Stage k draws everything for
-  that image (initial noise, the augmentation noise of its low-resolution input, the
-  sampler's noise) from fold_in(key(image_seed), k), passed per example to
-  `diffusion.sample`. So an image depends on its seed and prompt only: a rerun, another batch
-  size, padding or another number of processes gives identical images, and
-  `cascade.reproduce(prompt, seed)` regenerates any row of index.jsonl.
-- Each stage's whole sampling loop (guidance, thresholding, the sampler's fori_loop, the
-  conversion to uint8) is one jitted program for one batch shape; the last batch is padded
-  (with copies of its last item, whose outputs are dropped), so there is no recompilation
-  between batches. Batches are sharded over the ('data', 'fsdp') axes of a mesh over this
-  process's devices, and the batch size is rounded up to a multiple of their number.
-- Classifier-free guidance makes one batched model call per step for the conditional and
-  unconditional halves (`diffusion.classifier_free_guidance`).
-- Super-resolution stages get the previous stage's uint8 output exactly as training got its
-  low-resolution images: to [-1, 1], upsampled to the output size with the checkpoint's
-  `lowres_resize`, noised by the forward process at log-SNR aug_schedule(t_aug)
-  (noise conditioning augmentation, Imagen section 2.5), with that log-SNR passed as
-  `lowres_log_snr`.
+How it runs:
+- Every image has its own integer seed, `image_seeds(seed, prompt_index, sample)`: the
+  prompt index and sample index folded into the root seed. Each stage samples with
+  `stage.sample_stage`, the one stage-sampling function (guidance, the log-SNR grid,
+  thresholding, noise conditioning augmentation of the low-resolution input, every draw
+  from fold_in(key(image seed), k)). So an image depends on its seed and prompt only: a
+  rerun, another batch size, padding or another number of processes gives identical
+  images, and `cascade.reproduce(prompt, seed)` regenerates any row of index.jsonl.
+- Each stage's whole sampling loop (up to the conversion to uint8) is one jitted program
+  for one batch shape; the last batch is padded (with copies of its last item, whose
+  outputs are dropped), so there is no recompilation between batches. Batches are sharded
+  over the ('data', 'fsdp') axes of a mesh over this process's devices, and the batch size
+  is rounded up to a multiple of their number.
 - Stages run one after the other over all images. What a stage produces goes to a sink:
   memory for the notebook call, or an output directory (`sample_to_dir`) where existing
   images are skipped, so a killed job resumes where it stopped.
@@ -50,17 +43,15 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from imagen_jax import diffusion
+from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample import output
-# Imported here, not lazily: they register gin configurables, which gin refuses once a
+from imagen_jax.sample import stage as stage_lib
+from imagen_jax.sample.stage import SAMPLERS, THRESHOLDINGS, image_seeds  # noqa: F401
+# Imported here, not lazily: it registers gin configurables, which gin refuses once a
 # CLI has parsed (and locked) its config.
 from imagen_jax.train import checkpoint
-from imagen_jax.train import step as step_lib
-
-SAMPLERS = diffusion.METHODS  # ("ddpm", "ddim", "dpmpp_2m")
-THRESHOLDINGS = ("dynamic", "static", "none")
 
 
 # ---------------------------------------------------------------------------------------
@@ -69,8 +60,9 @@ THRESHOLDINGS = ("dynamic", "static", "none")
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class Stage:
-  """One stage of the cascade: a checkpoint and how to sample from it.
+class Stage(stage_lib.SamplerSettings):
+  """One stage of the cascade: a checkpoint and how to sample from it (the inherited
+  `SamplerSettings` fields).
 
   Defaults follow Imagen where the paper gives them:
   - thresholding: dynamic, percentile 99.5 (section 2.3 and appendix; Saharia et al. found
@@ -87,86 +79,51 @@ class Stage:
     model_dir: a MODEL_DIR written by imagen-train (local or gs://).
     step: checkpoint step to load; None = the latest.
     use_ema: load the EMA parameters (the default, as Imagen samples from EMA weights).
-    sampler: "ddpm" (ancestral), "ddim" or "dpmpp_2m" (DPM-Solver++(2M)).
-    num_steps: number of model evaluations (the grid is schedule(1 - i/num_steps) with its
-      last point replaced by +inf, so the last step returns the denoised prediction).
-    guidance_scale: classifier-free guidance weight (Imagen's w; 1 = no guidance).
-    thresholding: "dynamic", "static" (clip x0 to [-1, 1]) or "none".
-    percentile: dynamic thresholding percentile, in percent.
-    aug_level: t_aug in [0, 1] for super-resolution stages.
-    eta: DDIM stochasticity (0 = deterministic DDIM, 1 = ancestral); only for "ddim".
+    sampler, num_steps, guidance_scale, thresholding, percentile, aug_level, eta: see
+      `SamplerSettings` (sample/stage.py); the property `sampling` gives them alone.
     batch_size: images per batch for this stage; None = the cascade's batch size.
   """
   model_dir: str = ""
   step: int | None = None
   use_ema: bool = True
-  sampler: str = "ddpm"
-  num_steps: int = 256
-  guidance_scale: float = 5.0
-  thresholding: str = "dynamic"
-  percentile: float = 99.5
-  aug_level: float = 0.2
-  eta: float = 0.0
   batch_size: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.model_dir, (str, os.PathLike)) or not os.fspath(self.model_dir):
       raise UserError(f"Stage.model_dir={self.model_dir!r}: give the stage's MODEL_DIR "
                       "(written by imagen-train)")
-    if self.sampler not in SAMPLERS:
-      raise UserError(f"Stage.sampler={self.sampler!r}; use one of {list(SAMPLERS)}")
-    if not isinstance(self.num_steps, int) or self.num_steps < 1:
-      raise UserError(f"Stage.num_steps={self.num_steps!r} must be a positive integer")
-    if self.guidance_scale < 0:
-      raise UserError(f"Stage.guidance_scale={self.guidance_scale} must be >= 0 (1 = no "
-                      "guidance)")
-    if self.thresholding not in THRESHOLDINGS:
-      raise UserError(f"Stage.thresholding={self.thresholding!r}; use one of "
-                      f"{list(THRESHOLDINGS)}")
-    if not 0.0 < self.percentile <= 100.0:
-      raise UserError(f"Stage.percentile={self.percentile} must be in (0, 100] (percent; "
-                      "Imagen uses 99.5)")
-    if not 0.0 <= self.aug_level <= 1.0:
-      raise UserError(f"Stage.aug_level={self.aug_level} must be a time in [0, 1] "
-                      "(Imagen uses 0.1-0.3)")
-    if self.eta < 0 or (self.eta and self.sampler != "ddim"):
-      raise UserError(f"Stage.eta={self.eta} applies only to sampler='ddim' and must be >= 0")
     if self.step is not None and (not isinstance(self.step, int) or self.step < 0):
       raise UserError(f"Stage.step={self.step!r} must be a checkpoint step or None (latest)")
     if self.batch_size is not None and (not isinstance(self.batch_size, int)
                                         or self.batch_size < 1):
       raise UserError(f"Stage.batch_size={self.batch_size!r} must be a positive integer")
+    try:
+      super().__post_init__()
+    except UserError as e:
+      raise UserError(f"Stage.{e}") from None
 
-  def settings(self, is_sr: bool) -> dict:
-    """The sampler settings recorded in index.jsonl."""
-    out = {"method": self.sampler, "num_steps": self.num_steps,
-           "guidance_scale": float(self.guidance_scale), "thresholding": self.thresholding}
-    if self.thresholding == "dynamic":
-      out["percentile"] = float(self.percentile)
-    if self.sampler == "ddim":
-      out["eta"] = float(self.eta)
-    if is_sr:
-      out["aug_level"] = float(self.aug_level)
-    return out
+  @property
+  def sampling(self) -> stage_lib.SamplerSettings:
+    """The stage's sampler settings alone."""
+    names = [f.name for f in dataclasses.fields(stage_lib.SamplerSettings)]
+    return stage_lib.SamplerSettings(**{n: getattr(self, n) for n in names})
 
 
 @dataclasses.dataclass
 class LoadedStage:
-  """A stage with its model and checkpoint description (`load_for_inference`'s info:
-  image_size, lowres_size, text_dim, objective, schedule, aug_schedule, lowres_resize,
-  encoder identity, step, ...)."""
+  """A stage with its model and checkpoint description (`load_for_inference`'s
+  `ModelInfo`)."""
   config: Stage
   model: nnx.Module
-  info: dict
+  info: checkpoint.ModelInfo
 
   @property
   def image_size(self) -> int:
-    return int(self.info["image_size"])
+    return int(self.info.image_size)
 
   @property
   def lowres_size(self) -> int | None:
-    size = self.info.get("lowres_size")
-    return None if size is None else int(size)
+    return self.info.lowres_size
 
   @property
   def is_sr(self) -> bool:
@@ -177,14 +134,13 @@ class LoadedStage:
     return os.fspath(self.config.model_dir)
 
   def settings(self) -> dict:
-    out = self.config.settings(self.is_sr)
+    out = self.config.sampling.record(self.is_sr)
     out.update(model_dir=self.name, use_ema=self.config.use_ema,
-               objective=self.info.get("objective", "eps"),
-               schedule=self.info.get("schedule", "cosine"))
-    if self.info.get("step") is not None:
-      out["step"] = int(self.info["step"])
+               objective=self.info.objective, schedule=self.info.schedule)
+    if self.info.step is not None:
+      out["step"] = int(self.info.step)
     if self.is_sr:
-      out["aug_schedule"] = self.info.get("aug_schedule", out["schedule"])
+      out["aug_schedule"] = self.info.aug_schedule
     return out
 
 
@@ -200,7 +156,7 @@ def load_stage(config: Stage, *, mesh=None) -> LoadedStage:
   except FileNotFoundError as e:
     raise UserError(f"no checkpoint in {os.fspath(model_dir)!r} ({e}); point the stage at "
                     "a MODEL_DIR written by imagen-train") from e
-  return LoadedStage(config, model, dict(info))
+  return LoadedStage(config, model, info)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,27 +171,6 @@ class WorkItem:
   seed: int
 
 
-@jax.jit
-def _image_seeds(root_seed, prompt_index, sample):
-  def one(p, s):
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(root_seed), p), s)
-    return jax.random.bits(key, dtype=jnp.uint32)
-  return jax.vmap(one)(prompt_index, sample)
-
-
-def image_seeds(root_seed: int, prompt_index: Sequence[int], sample: Sequence[int]) -> list[int]:
-  """The integer seed of each image: 32 random bits of
-  fold_in(fold_in(key(root_seed), prompt_index), sample). Stage k of that image uses
-  fold_in(key(image seed), k)."""
-  if not 0 <= int(root_seed) < 2**32:
-    raise UserError(f"seed={root_seed} must be in [0, 2**32)")
-  p = np.asarray(prompt_index, np.int32)
-  s = np.asarray(sample, np.int32)
-  if p.size == 0:
-    return []
-  return [int(x) for x in np.asarray(_image_seeds(np.uint32(root_seed), p, s))]
-
-
 def work_items(num_prompts: int, num_samples: int, seed: int) -> list[WorkItem]:
   """All images, prompt-major: (0, 0), (0, 1), ..., (1, 0), ..."""
   pairs = [(p, s) for p in range(num_prompts) for s in range(num_samples)]
@@ -245,7 +180,7 @@ def work_items(num_prompts: int, num_samples: int, seed: int) -> list[WorkItem]:
 
 def process_share(items: Sequence[WorkItem], process_index: int,
                   process_count: int) -> list[WorkItem]:
-  """This process's items when several processes share the work (issue 7): every
+  """This process's items when several processes share the work: every
   process_count-th item, so each process gets a near-equal share of every prompt range."""
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index={process_index} must be in [0, {process_count})")
@@ -285,7 +220,7 @@ class PromptEncoder:
   def check_stage(self, stage: LoadedStage, index: int) -> None:
     """The stage must have been trained with this encoder (same weights, vocabulary and
     length; the `name`, often a path, may differ)."""
-    trained = stage.info.get("encoder")
+    trained = stage.info.encoder
     if not trained:
       logging.warning("stage %d (%s) records no text encoder; cannot check that prompts are "
                       "encoded as in training", index, stage.name)
@@ -301,8 +236,8 @@ class PromptEncoder:
                       "settings the stage was trained with")
     if self.cache is not None:
       self.cache.check_compatible(trained)
-    text_dim = stage.info.get("text_dim")
-    if text_dim is not None and int(text_dim) != int(mine["d_model"]):
+    text_dim = stage.info.text_dim
+    if int(text_dim) != int(mine["d_model"]):
       raise UserError(f"stage {index} ({stage.name}) takes text width {text_dim}, but the "
                       f"text encoder gives {mine['d_model']}")
 
@@ -359,55 +294,25 @@ class StageSampler:
   def __init__(self, stage: LoadedStage, stage_index: int, mesh, batch_size: int):
     self.stage, self.stage_index, self.mesh = stage, stage_index, mesh
     self.batch_size = batch_size
-    cfg, info = stage.config, stage.info
     graphdef, state = nnx.split(stage.model)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Sampling replicates the weights: every device runs the full model on its batch rows.
     self.state = jax.device_put(state, replicated)
     self.batch_sharding = lambda ndim: mesh_lib.batch_sharding(mesh, ndim)
 
-    size, channels = stage.image_size, int(getattr(stage.model, "channels", 3))
-    objective = info.get("objective", "eps")
-    schedule = diffusion.get_schedule(info.get("schedule", "cosine"))
-    aug_schedule = diffusion.get_schedule(info.get("aug_schedule", "cosine"))
-    resize = info.get("lowres_resize", "bicubic")
-    # num_steps model evaluations; the last step goes to +inf and returns x0_hat.
-    grid = np.asarray(diffusion.log_snr_grid(schedule, cfg.num_steps), np.float32)
-    log_snrs = np.concatenate([grid[:-1], [np.inf]]).astype(np.float32)
-    if cfg.thresholding == "dynamic":
-      x0_transform = lambda x0: diffusion.dynamic_threshold(x0, cfg.percentile)
-    elif cfg.thresholding == "static":
-      x0_transform = diffusion.static_threshold
-    else:
-      x0_transform = None
-    stochastic = cfg.sampler == "ddpm" or (cfg.sampler == "ddim" and cfg.eta > 0)
+    settings, info = stage.config.sampling, stage.info
 
-    def sample(state, seeds, text_emb, text_mask, lowres):
+    def sample(state, seeds, text_emb, text_mask, lowres, aug_level):
       model = nnx.merge(graphdef, state)
 
       def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None):
         return model(x, log_snr, text_emb, text_mask, lowres=lowres,
                      lowres_log_snr=lowres_log_snr, train=False)
 
-      batch = seeds.shape[0]
-      keys = jax.vmap(lambda s: jax.random.split(
-          jax.random.fold_in(jax.random.key(s), stage_index), 3))(seeds)
-      k_init, k_aug, k_sampler = keys[:, 0], keys[:, 1], keys[:, 2]
-      x_init = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(k_init)
-      cond = {"text_emb": text_emb, "text_mask": text_mask}
-      if lowres is not None:
-        # Noise conditioning augmentation as in training (train/step.py).
-        up = step_lib.upsample(step_lib.to_float_image(lowres), size, resize)
-        aug_log_snr = jnp.broadcast_to(aug_schedule(jnp.float32(cfg.aug_level)), (batch,))
-        noise = jax.vmap(lambda k: jax.random.normal(k, up.shape[1:]))(k_aug)
-        cond["lowres"] = diffusion.q_sample(up, aug_log_snr, noise)
-        cond["lowres_log_snr"] = aug_log_snr
-      guided = diffusion.classifier_free_guidance(model_fn, cfg.guidance_scale)
-      x = diffusion.sample(lambda x, log_snr: guided(x, log_snr, **cond), x_init,
-                           jnp.asarray(log_snrs), method=cfg.sampler,
-                           rng=k_sampler if stochastic else None, objective=objective,
-                           x0_transform=x0_transform, eta=cfg.eta)
-      return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+      x = stage_lib.sample_stage(model_fn, settings, info, seeds, stage_index,
+                                 text_emb=text_emb, text_mask=text_mask, lowres=lowres,
+                                 aug_level=aug_level)
+      return conditioning.to_uint8_image(x)
 
     self.jitted = jax.jit(sample, out_shardings=self.batch_sharding(4))
 
@@ -417,6 +322,8 @@ class StageSampler:
     args = [put(np.asarray(seeds, np.uint32)), put(np.asarray(text_emb, np.float32)),
             put(np.asarray(text_mask, bool))]
     args.append(None if lowres is None else put(np.asarray(lowres, np.uint8)))
+    # An argument, not a constant: stages that differ only in aug_level share one program.
+    args.append(np.float32(self.stage.config.aug_level))
     with jax.set_mesh(self.mesh):
       return self.jitted(self.state, *args)
 
@@ -776,7 +683,7 @@ def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samp
   """Samples into out_dir: stage{k}/ PNGs, index.jsonl and grid.png (see output.py).
 
   Images already in out_dir are skipped (and their index rows completed), so a rerun of a
-  killed job resumes. With several processes (issue 7) each one samples its share of the
+  killed job resumes. With several processes each one samples its share of the
   images (`process_share`), then after `barrier` process 0 merges the index and writes the
   grid; out_dir must then be a path every process sees (e.g. gs://).
   """

@@ -13,6 +13,7 @@ No pickle: orbax stores arrays with tensorstore and metadata as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -43,35 +44,81 @@ def param_shapes_digest(params) -> str:
   return hashlib.sha256(repr(desc).encode()).hexdigest()
 
 
-def model_info(model: nnx.Module, params, *, loss_cfg, encoder: dict | None) -> dict:
-  """The model.json record of a model (DESIGN.md §5 attributes plus training settings)."""
-  return {
-      "format_version": FORMAT_VERSION,
-      "model_class": type(model).__name__,
-      "stage": "base" if getattr(model, "lowres_size", None) is None else "sr",
-      "image_size": int(model.image_size),
-      "lowres_size": (None if getattr(model, "lowres_size", None) is None
-                      else int(model.lowres_size)),
-      "text_dim": int(model.text_dim),
-      "channels": int(getattr(model, "channels", 3)),
-      "objective": loss_cfg.objective,
-      "schedule": loss_cfg.schedule,
-      "aug_schedule": loss_cfg.aug_schedule,
-      "lowres_resize": loss_cfg.lowres_resize,
-      "encoder": encoder,
-      "num_params": state_lib.count_params(params),
-      "param_shapes_sha256": param_shapes_digest(params),
-  }
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """A checkpoint's model description: MODEL_DIR/model.json (DESIGN.md section 5 attributes
+  plus the training settings that sampling must repeat).
+
+  The defaults are those of a model.json that lacks the key, in one place: every reader goes
+  through `from_json`. `aug_schedule` and `lowres_resize` default to what `LossConfig`
+  trains with ("cosine", and "none": the low-res image is noised at its own size and the
+  EfficientUNet resizes it), because a record without them came from a run with those
+  defaults. `step`, `model_gin` and `use_ema` are set by `load_for_inference`, not stored.
+  """
+  model_class: str
+  image_size: int
+  text_dim: int
+  lowres_size: int | None = None
+  channels: int = 3
+  objective: str = "eps"
+  schedule: str = "cosine"
+  aug_schedule: str = "cosine"
+  lowres_resize: str = "none"
+  encoder: dict | None = None
+  num_params: int | None = None
+  param_shapes_sha256: str | None = None
+  format_version: int = FORMAT_VERSION
+  step: int | None = None
+  model_gin: str | None = None
+  use_ema: bool | None = None
+
+  _LOADED = ("step", "model_gin", "use_ema")  # set on load, never written to model.json
+
+  @property
+  def stage(self) -> str:
+    return "base" if self.lowres_size is None else "sr"
+
+  @property
+  def is_sr(self) -> bool:
+    return self.lowres_size is not None
+
+  @classmethod
+  def from_json(cls, record: dict) -> "ModelInfo":
+    """Reads a model.json record (unknown keys, like the derived `stage`, are ignored)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing = [k for k in ("model_class", "image_size", "text_dim") if k not in record]
+    if missing:
+      raise UserError(f"model.json lacks {missing}; it was not written by imagen-train")
+    return cls(**{k: v for k, v in record.items() if k in fields})
+
+  def to_json(self) -> dict:
+    """The model.json record (with the derived `stage`, for readers of the file)."""
+    out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._LOADED}
+    out["stage"] = self.stage
+    return out
 
 
-def read_model_json(model_dir) -> dict | None:
+def model_info(model: nnx.Module, params, *, loss_cfg, encoder: dict | None) -> ModelInfo:
+  """The description of a model about to be trained with `loss_cfg`."""
+  lowres_size = getattr(model, "lowres_size", None)
+  return ModelInfo(
+      model_class=type(model).__name__, image_size=int(model.image_size),
+      lowres_size=None if lowres_size is None else int(lowres_size),
+      text_dim=int(model.text_dim), channels=int(getattr(model, "channels", 3)),
+      objective=loss_cfg.objective, schedule=loss_cfg.schedule,
+      aug_schedule=loss_cfg.aug_schedule, lowres_resize=loss_cfg.lowres_resize,
+      encoder=encoder, num_params=state_lib.count_params(params),
+      param_shapes_sha256=param_shapes_digest(params))
+
+
+def read_model_json(model_dir) -> ModelInfo | None:
   path = epath.Path(model_dir) / "model.json"
   if not path.exists():
     return None
-  return json.loads(path.read_text())
+  return ModelInfo.from_json(json.loads(path.read_text()))
 
 
-def check_or_write_model_json(model_dir, info: dict, *, write: bool = True) -> None:
+def check_or_write_model_json(model_dir, info: ModelInfo, *, write: bool = True) -> None:
   """Checks that the model.json already in model_dir describes this model, or (if `write`,
   i.e. on process 0) writes it. Every process checks, so every process stops on a mismatch."""
   old = read_model_json(model_dir)
@@ -80,19 +127,19 @@ def check_or_write_model_json(model_dir, info: dict, *, write: bool = True) -> N
     if write:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.parent / "model.json.tmp"
-      tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+      tmp.write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
       tmp.replace(path)
     return
-  diffs = [f"{k}: {old.get(k)!r} in the directory, {info.get(k)!r} now"
-           for k in IDENTITY_KEYS if old.get(k) != info.get(k)]
+  diffs = [f"{k}: {getattr(old, k)!r} in the directory, {getattr(info, k)!r} now"
+           for k in IDENTITY_KEYS if getattr(old, k) != getattr(info, k)]
   if diffs:
     raise UserError(f"MODEL_DIR {os.fspath(model_dir)} holds a checkpoint of another model ("
                     + "; ".join(diffs) + "); use a new MODEL_DIR, or INIT_FROM to fine-tune "
                     "from that run")
-  if old.get("encoder") and info.get("encoder") and old["encoder"] != info["encoder"]:
+  if old.encoder and info.encoder and old.encoder != info.encoder:
     raise UserError(f"MODEL_DIR {os.fspath(model_dir)} was trained with text encoder "
-                    f"{old['encoder']}, but the embedding cache now comes from "
-                    f"{info['encoder']}; use the original cache or a new MODEL_DIR")
+                    f"{old.encoder}, but the embedding cache now comes from "
+                    f"{info.encoder}; use the original cache or a new MODEL_DIR")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -185,12 +232,13 @@ def model_rest_state(create_fn):
 
 
 def load_for_inference(model_dir, step: int | None = None, use_ema: bool = True, *,
-                       mesh=None) -> tuple[nnx.Module, dict]:
+                       mesh=None) -> tuple[nnx.Module, ModelInfo]:
   """A trained model and its description, from a MODEL_DIR written by imagen-train.
 
   The model is rebuilt from MODEL_DIR/model.gin (parsed on top of the current gin config)
   and its parameters restored straight onto their target shardings on `mesh` (default: all
-  devices). -> (model, info) with info = model.json plus `step`, `model_gin`, `use_ema`.
+  devices). -> (model, info): the `ModelInfo` of model.json with `step`, `model_gin` and
+  `use_ema` set.
   """
   from imagen_jax import nn as nn_lib  # noqa: F401  (registers the model configurables)
   from imagen_jax.parallel import mesh as mesh_lib
@@ -218,8 +266,7 @@ def load_for_inference(model_dir, step: int | None = None, use_ema: bool = True,
   params, step = restore_params(model_dir, target, step=step, use_ema=use_ema)
   rest = model_rest_state(create)
   model = state_lib.merge_model(graphdef, params, rest)
-  info = {**info, "step": int(step), "model_gin": model_gin, "use_ema": use_ema}
-  return model, info
+  return model, dataclasses.replace(info, step=int(step), model_gin=model_gin, use_ema=use_ema)
 
 
 

@@ -40,15 +40,15 @@ def export(model_dir, out_dir, *, step: int | None = None, use_ema: bool = True)
   tensors = flatten_params(params)
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  record = {k: v for k, v in info.items() if k != "model_gin"}
-  record["exported"] = {"step": info["step"], "params": "ema" if use_ema else "raw",
+  record = info.to_json()
+  record["exported"] = {"step": info.step, "params": "ema" if use_ema else "raw",
                         "from": os.fspath(model_dir)}
   tmp = out / "model.safetensors.tmp"
   save_file(tensors, os.fspath(tmp), metadata={"format": "imagen-jax",
-                                               "step": str(info["step"]),
+                                               "step": str(info.step),
                                                "params": "ema" if use_ema else "raw"})
   tmp.replace(out / "model.safetensors")
-  (out / "model.gin").write_text(info["model_gin"])
+  (out / "model.gin").write_text(info.model_gin)
   (out / "model.json").write_text(json.dumps(record, indent=2, sort_keys=True))
   return record
 

@@ -19,7 +19,6 @@ before any save: the last good checkpoint is never overwritten by a bad state.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
@@ -36,12 +35,14 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagen_jax import config, diffusion
+from imagen_jax import config
 from imagen_jax.data import pipeline as pipeline_lib
+from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import hosts
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import rules
+from imagen_jax.sample import stage as stage_lib
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train import optim
@@ -278,10 +279,10 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         if source is None:
           raise UserError(f"INIT_FROM={init_from!r} has no model.json; point it at a "
                           "MODEL_DIR written by imagen-train")
-        if source.get("param_shapes_sha256") != info["param_shapes_sha256"]:
-          raise UserError(f"INIT_FROM={init_from!r} holds a {source.get('model_class')} with "
-                          f"{source.get('num_params')} parameters of other shapes than this "
-                          f"{info['model_class']} ({info['num_params']}); use the same "
+        if source.param_shapes_sha256 != info.param_shapes_sha256:
+          raise UserError(f"INIT_FROM={init_from!r} holds a {source.model_class} with "
+                          f"{source.num_params} parameters of other shapes than this "
+                          f"{info.model_class} ({info.num_params}); use the same "
                           "model config as that run")
         target = state_lib.abstract_like(params_shapes, param_sh)
         params, from_step = ckpt_lib.restore_params(init_from, target, use_ema=False)
@@ -348,7 +349,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     eval_fn = _make_eval(graphdef, rest, loss_cfg, mesh)
   sampler = None
   if sample_every:
-    sampler = _make_sampler(graphdef, rest, loss_cfg, mesh, min(num_samples, batch_size),
+    sampler = _make_sampler(graphdef, rest, info, mesh, min(num_samples, batch_size),
                             sample_steps, sample_method, guidance_scale, seed)
 
   if is_main:
@@ -358,7 +359,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                                      tensorboard=tensorboard)
   if is_main and start_step == 0:
     writer.write_hparams({"batch_size": batch_size, "train_steps": train_steps,
-                          "num_params": info["num_params"], "micro_batches": micro_batches,
+                          "num_params": info.num_params, "micro_batches": micro_batches,
                           "mesh": str(dict(mesh.shape))})
 
   # ---- loop
@@ -499,29 +500,28 @@ def _validate(eval_fn, state, pipeline, num_batches, batch_size, mesh) -> dict:
   return out
 
 
-def _make_sampler(graphdef, rest, loss_cfg, mesh, num_samples, num_steps, method,
+def _make_sampler(graphdef, rest, info, mesh, num_samples, num_steps, method,
                   guidance_scale, seed):
-  """jit(params, global batch) -> (samples, images, lowres or None) of the batch's first
-  num_samples examples, replicated (so process 0 can write them)."""
-  log_snrs = np.asarray(diffusion.log_snr_grid(
-      diffusion.get_schedule(loss_cfg.schedule), num_steps))
-  log_snrs = np.concatenate([log_snrs, [np.inf]]).astype(np.float32)
+  """jit(params, global batch) -> (uint8 samples, images, lowres or None) of the batch's
+  first num_samples examples, replicated (so process 0 can write them).
+
+  The samples are `imagen-sample`'s: example i is prompt i, sample 0 of root seed `seed`,
+  sampled by `sample_stage` with `preview/SamplerSettings` (gin) and the method, steps and
+  guidance scale given here; an SR stage super-resolves the example's own low-res image.
+  """
+  with gin.config_scope("preview"):
+    settings = stage_lib.SamplerSettings(sampler=method, num_steps=num_steps,
+                                         guidance_scale=guidance_scale)
+  seeds = np.asarray(stage_lib.image_seeds(seed, range(num_samples), [0] * num_samples),
+                     np.uint32)
 
   def run(params, batch):
     batch = {k: v[:num_samples] for k, v in batch.items()}
-    model = state_lib.merge_model(graphdef, params, rest)
-    index = jnp.asarray(batch["index"]).astype(jnp.uint32)
-    keys = step_lib.example_keys(jax.random.PRNGKey(seed), index)
-    x0, _, _, cond = step_lib.noise_and_conditioning(batch, keys, loss_cfg, train=False,
-                                                     fixed_log_snr=0.0)
-    guided = diffusion.classifier_free_guidance(step_lib.model_fn(model, train=False),
-                                                guidance_scale)
-    x_init = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 7), x0.shape[1:]))(
-        keys)
-    samples = diffusion.sample(functools.partial(guided, **cond), x_init, log_snrs,
-                               method=method, rng=keys, objective=loss_cfg.objective,
-                               x0_transform=diffusion.dynamic_threshold)
-    return samples, batch["image"], batch.get("lowres")
+    fn = step_lib.model_fn(state_lib.merge_model(graphdef, params, rest), train=False)
+    samples = stage_lib.sample_stage(fn, settings, info, seeds, 0,
+                                     text_emb=jnp.asarray(batch["text_emb"], jnp.float32),
+                                     text_mask=batch["text_mask"], lowres=batch.get("lowres"))
+    return conditioning.to_uint8_image(samples), batch["image"], batch.get("lowres")
 
   return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
 
@@ -533,7 +533,6 @@ def _sample_grid(sampler, state, pipeline, batch_size, mesh) -> np.ndarray:
                if k in TRAIN_KEYS or k == "index"}
   samples, images, lowres = jax.device_get(
       sampler(state.ema_params, global_batch(host, shardings, batch_size)))
-  samples = metrics_lib.to_uint8(samples)
   rows = [samples, np.asarray(images)]
   if lowres is not None:
     lowres = np.asarray(lowres)

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from imagen_jax.diffusion import losses, process, schedules
+from imagen_jax.diffusion import conditioning, losses, process, schedules
 from imagen_jax.errors import UserError
 from imagen_jax.train import optim
 from imagen_jax.train.state import TrainState, merge_model
@@ -65,19 +65,6 @@ class LossConfig:
     return self
 
 
-def to_float_image(x):
-  """uint8 [0, 255] -> float32 [-1, 1] (exactly: 0 -> -1, 255 -> 1)."""
-  return (jnp.asarray(x, jnp.float32) - 127.5) / 127.5
-
-
-def upsample(lowres, size: int, method: str):
-  """[B, s, s, C] -> [B, size, size, C] with `method`, or unchanged for method "none"."""
-  if method == "none" or lowres.shape[1] == size:
-    return lowres
-  b, _, _, c = lowres.shape
-  return jax.image.resize(lowres, (b, size, size, c), method=method)
-
-
 def example_keys(rng, global_index):
   """One key per example: fold_in(step key, global index in the batch)."""
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, global_index)
@@ -91,7 +78,7 @@ def noise_and_conditioning(batch: dict, keys, cfg: LossConfig, *, train: bool = 
   stages, lowres / lowres_log_snr. With `fixed_log_snr` (validation) the noise level is
   given, no caption is dropped and the augmentation level is cfg.val_aug_t.
   """
-  x0 = to_float_image(batch["image"])
+  x0 = conditioning.to_float_image(batch["image"])
   b = x0.shape[0]
   split = jax.vmap(lambda k: jax.random.split(k, 5))(keys)      # [B, 5] keys
   k_t, k_noise, k_drop, k_aug, k_aug_noise = (split[:, i] for i in range(5))
@@ -111,16 +98,14 @@ def noise_and_conditioning(batch: dict, keys, cfg: LossConfig, *, train: bool = 
   cond = {"text_emb": text_emb, "text_mask": text_mask}
 
   if "lowres" in batch:
-    lowres = upsample(to_float_image(batch["lowres"]), x0.shape[1], cfg.lowres_resize)
+    lowres = conditioning.to_float_image(batch["lowres"])
     if train:
       t_aug = cfg.aug_max * jax.vmap(lambda k: jax.random.uniform(k, ()))(k_aug)
     else:
       t_aug = jnp.full((b,), cfg.val_aug_t, jnp.float32)
     aug_log_snr = schedules.get_schedule(cfg.aug_schedule)(t_aug)
-    aug_noise = jax.vmap(lambda k: jax.random.normal(k, lowres.shape[1:], jnp.float32))(
-        k_aug_noise)
-    cond["lowres"] = process.q_sample(lowres, aug_log_snr, aug_noise)
-    cond["lowres_log_snr"] = aug_log_snr
+    cond.update(conditioning.augment_lowres(lowres, x0.shape[1], cfg.lowres_resize,
+                                            aug_log_snr, k_aug_noise))
   return x0, log_snr, noise, cond
 
 

@@ -1,0 +1,173 @@
+"""One stage's sampling: (model_fn, settings, seeds, conditioning) -> images.
+
+The one sampling path of the project: `imagen-sample`'s cascade (`StageSampler`) and the
+trainer's preview grids both call `sample_stage` with a `SamplerSettings`, so a preview shows
+exactly what `imagen-sample` gives for the same checkpoint, prompt, seed and settings.
+
+Everything an image draws comes from its own integer seed: stage k uses
+fold_in(key(seed), k), split into the keys of the initial noise, of the low-resolution
+input's augmentation noise and of the sampler's per-step noise. So an image depends on its
+seed and inputs only, never on the batch it is computed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imagen_jax import diffusion
+from imagen_jax.diffusion import conditioning
+from imagen_jax.errors import UserError
+
+SAMPLERS = diffusion.METHODS  # ("ddpm", "ddim", "dpmpp_2m")
+THRESHOLDINGS = ("dynamic", "static", "none")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """How one stage samples. A cascade's `Stage` carries these fields; the trainer's previews
+  take `train.sample_method`, `train.sample_steps`, `train.guidance_scale` and the rest from
+  gin (`preview/SamplerSettings.thresholding = 'static'`, ...).
+
+  Attributes:
+    sampler: "ddpm" (ancestral), "ddim" or "dpmpp_2m" (DPM-Solver++(2M)).
+    num_steps: number of model evaluations (the grid is schedule(1 - i/num_steps) with its
+      last point replaced by +inf, so the last step returns the denoised prediction).
+    guidance_scale: classifier-free guidance weight (Imagen's w; 1 = no guidance).
+    thresholding: "dynamic", "static" (clip x0 to [-1, 1]) or "none".
+    percentile: dynamic thresholding percentile, in percent.
+    aug_level: t_aug in [0, 1], the noise level of a super-resolution stage's low-resolution
+      input (Imagen section 2.5); ignored by a base stage.
+    eta: DDIM stochasticity (0 = deterministic DDIM, 1 = ancestral); only for "ddim".
+  """
+  sampler: str = "ddpm"
+  num_steps: int = 256
+  guidance_scale: float = 5.0
+  thresholding: str = "dynamic"
+  percentile: float = 99.5
+  aug_level: float = 0.2
+  eta: float = 0.0
+
+  def __post_init__(self):
+    if self.sampler not in SAMPLERS:
+      raise UserError(f"sampler={self.sampler!r}; use one of {list(SAMPLERS)}")
+    if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) \
+        or self.num_steps < 1:
+      raise UserError(f"num_steps={self.num_steps!r} must be a positive integer")
+    if self.guidance_scale < 0:
+      raise UserError(f"guidance_scale={self.guidance_scale} must be >= 0 (1 = no guidance)")
+    if self.thresholding not in THRESHOLDINGS:
+      raise UserError(f"thresholding={self.thresholding!r}; use one of {list(THRESHOLDINGS)}")
+    if not 0.0 < self.percentile <= 100.0:
+      raise UserError(f"percentile={self.percentile} must be in (0, 100] (percent; Imagen "
+                      "uses 99.5)")
+    if not 0.0 <= self.aug_level <= 1.0:
+      raise UserError(f"aug_level={self.aug_level} must be a time in [0, 1] (Imagen uses "
+                      "0.1-0.3)")
+    if self.eta < 0 or (self.eta and self.sampler != "ddim"):
+      raise UserError(f"eta={self.eta} applies only to sampler='ddim' and must be >= 0")
+
+  @property
+  def stochastic(self) -> bool:
+    return self.sampler == "ddpm" or (self.sampler == "ddim" and self.eta > 0)
+
+  def record(self, is_sr: bool) -> dict:
+    """The settings recorded in index.jsonl."""
+    out = {"method": self.sampler, "num_steps": self.num_steps,
+           "guidance_scale": float(self.guidance_scale), "thresholding": self.thresholding}
+    if self.thresholding == "dynamic":
+      out["percentile"] = float(self.percentile)
+    if self.sampler == "ddim":
+      out["eta"] = float(self.eta)
+    if is_sr:
+      out["aug_level"] = float(self.aug_level)
+    return out
+
+  def x0_transform(self):
+    """The thresholding of x0_hat (Imagen section 2.3), or None."""
+    if self.thresholding == "dynamic":
+      return lambda x0: diffusion.dynamic_threshold(x0, self.percentile)
+    if self.thresholding == "static":
+      return diffusion.static_threshold
+    return None
+
+
+def sampling_grid(schedule: str, num_steps: int) -> np.ndarray:
+  """The log-SNR grid of `num_steps` model evaluations: schedule(1 - i/num_steps) for
+  i < num_steps, then +inf, so that the last step returns x0_hat (as k-diffusion ends at
+  sigma = 0)."""
+  with jax.ensure_compile_time_eval():  # a constant of the program, also under jit
+    grid = np.asarray(diffusion.log_snr_grid(diffusion.get_schedule(schedule), num_steps))
+  return np.concatenate([grid[:-1], [np.inf]]).astype(np.float32)
+
+
+@jax.jit
+def _image_seeds(root_seed, prompt_index, sample):
+  def one(p, s):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(root_seed), p), s)
+    return jax.random.bits(key, dtype=jnp.uint32)
+  return jax.vmap(one)(prompt_index, sample)
+
+
+def image_seeds(root_seed: int, prompt_index, sample) -> list[int]:
+  """The integer seed of each image: 32 random bits of
+  fold_in(fold_in(key(root_seed), prompt_index), sample). Stage k of that image uses
+  fold_in(key(image seed), k)."""
+  if not 0 <= int(root_seed) < 2**32:
+    raise UserError(f"seed={root_seed} must be in [0, 2**32)")
+  p = np.asarray(prompt_index, np.int32)
+  s = np.asarray(sample, np.int32)
+  if p.size == 0:
+    return []
+  return [int(x) for x in np.asarray(_image_seeds(np.uint32(root_seed), p, s))]
+
+
+def stage_keys(seeds, stage_index: int):
+  """Per-example keys (initial noise, augmentation noise, sampler noise), each [B], from
+  the images' integer seeds [B] and the stage index."""
+  keys = jax.vmap(lambda s: jax.random.split(
+      jax.random.fold_in(jax.random.key(s), stage_index), 3))(jnp.asarray(seeds, jnp.uint32))
+  return keys[:, 0], keys[:, 1], keys[:, 2]
+
+
+def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: int, *,
+                 text_emb, text_mask, lowres=None, aug_level=None):
+  """Samples one stage of the cascade for a batch; pure and jittable.
+
+  Args:
+    model_fn: model_fn(x_t, log_snr [B], *, text_emb, text_mask, lowres=None,
+      lowres_log_snr=None) -> prediction of `info.objective`.
+    settings: the sampler settings.
+    info: the model description (`train.checkpoint.ModelInfo`): image_size, channels,
+      objective, schedule, aug_schedule, lowres_resize.
+    seeds: uint32 [B], one integer seed per image; stage_index: this stage's index.
+    text_emb, text_mask: [B, L, D] and [B, L] caption embeddings.
+    lowres: uint8 [B, s, s, C], a super-resolution stage's input (noise conditioning
+      augmentation at `settings.aug_level`, as in training), or None for a base stage.
+    aug_level: overrides `settings.aug_level`; may be a traced scalar, so that one compiled
+      program serves every level.
+
+  Returns:
+    float32 [B, H, W, C] in [-1, 1] (unclipped); `conditioning.to_uint8_image` quantises.
+  """
+  k_init, k_aug, k_sampler = stage_keys(seeds, stage_index)
+  size, channels = int(info.image_size), int(info.channels)
+  x_init = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(k_init)
+  cond = {"text_emb": text_emb, "text_mask": text_mask}
+  if lowres is not None:
+    t_aug = settings.aug_level if aug_level is None else aug_level
+    aug_log_snr = diffusion.get_schedule(info.aug_schedule)(jnp.asarray(t_aug, jnp.float32))
+    cond.update(conditioning.augment_lowres(conditioning.to_float_image(lowres), size,
+                                            info.lowres_resize, aug_log_snr, k_aug))
+  guided = diffusion.classifier_free_guidance(model_fn, settings.guidance_scale)
+  return diffusion.sample(lambda x, log_snr: guided(x, log_snr, **cond), x_init,
+                          jnp.asarray(sampling_grid(info.schedule, settings.num_steps)),
+                          method=settings.sampler,
+                          rng=k_sampler if settings.stochastic else None,
+                          objective=info.objective, x0_transform=settings.x0_transform(),
+                          eta=settings.eta)

@@ -171,15 +171,35 @@ def ours_batches(pattern: str, size: int, batch_size: int, threads: int):
     step += 1
 
 
-def examples_per_s(batches, steps: int, batch_size: int) -> float:
-  """Wall-clock examples/s over `steps` batches, after 3 warm-up batches (worker start)."""
+def _cpu_seconds() -> float:
+  """CPU time of this process and its live children (grain's worker processes), from
+  /proc: on a shared machine it moves much less than wall time."""
+  tick = os.sysconf("SC_CLK_TCK")
+  total = time.process_time()
+  me = str(os.getpid())
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # the process ended meanwhile
+      continue
+    if fields[1] == me:  # ppid
+      total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+  return total
+
+
+def examples_per_s(batches, steps: int, batch_size: int) -> tuple[float, float]:
+  """(wall-clock examples/s, CPU ms per example) over `steps` batches, after 3 warm-up
+  batches (worker start-up)."""
   for _ in range(3):
     next(batches)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu_seconds()
   for _ in range(steps):
     batch = next(batches)
     assert batch.shape[0] == batch_size
-  return steps * batch_size / (time.perf_counter() - start)
+  examples = steps * batch_size
+  return (examples / (time.perf_counter() - start),
+          1000 * (_cpu_seconds() - cpu) / examples)
 
 
 def compare_grain(args) -> int:
@@ -192,25 +212,28 @@ def compare_grain(args) -> int:
     configs.append(("grain", workers, "process", lambda p, s, w=workers: grain_batches(
         p, s, args.batch_size, 1, w)))
   print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} batch={args.batch_size} "
-        f"steps={args.steps} rounds={args.rounds} (best round; the CPU is shared)")
+        f"steps={args.steps} rounds={args.rounds} (best round of each; the CPU is "
+        "shared, so CPU ms per example, this process and its workers, is the stable "
+        "figure)")
   with tempfile.TemporaryDirectory() as tmp:
     pattern = photo_records(tmp, args.records)
     print(f"{'size':>4} {'loader':6} {'workers':>7} {'worker':8} {'examples/s':>10} "
-          f"{'per worker':>10}")
+          f"{'per worker':>10} {'CPU ms/ex':>9} {'ex/s per core':>13}")
     for size in (64, 256):
       best = {}
       for _ in range(args.rounds):  # rounds interleave the configs: load drifts evenly
         for loader, workers, kind, make in configs:
           batches = make(pattern, size)
-          rate = examples_per_s(batches, args.steps, args.batch_size)
+          rate, cpu_ms = examples_per_s(batches, args.steps, args.batch_size)
           close = getattr(batches, "close", None)
           if close:
             close()
           key = (loader, workers, kind)
-          best[key] = max(best.get(key, 0.0), rate)
-      for (loader, workers, kind), rate in best.items():
+          old_rate, old_cpu = best.get(key, (0.0, float("inf")))
+          best[key] = (max(old_rate, rate), min(old_cpu, cpu_ms))
+      for (loader, workers, kind), (rate, cpu_ms) in best.items():
         print(f"{size:4d} {loader:6} {workers:7d} {kind:8} {rate:10.0f} "
-              f"{rate / workers:10.0f}", flush=True)
+              f"{rate / workers:10.0f} {cpu_ms:9.2f} {1000 / cpu_ms:13.0f}", flush=True)
   return 0
 
 

@@ -14,6 +14,16 @@ path is the one training uses). Each case is measured with 1 and `--workers` dec
 threads, without a consumer (the pipeline alone, `host_batch` in a loop) and with a
 simulated training step of `--step_ms` (a sleep, which like a device step releases the
 GIL) with and without the background prefetch of `iter_batches`.
+
+`--grain` instead compares our `Pipeline` with grain (the JAX ecosystem's loader) side by
+side on the same ArrayRecord shards of real JPEG photographs (scikit-image's sample
+photos, repeated to `--records` records in 4 shards), decoded and resized to 64 and 256
+px by the same function in both. Ours: `Pipeline("records:...")`, decode threads, one
+process. grain: `MapDataset.source(ArrayRecordDataSource).map(...).batch(...)`, in this
+process with `ReadOptions(num_threads)`, and with worker processes (`mp_prefetch`). The
+image path only (no text cache): the two differ in how they run the per-example work.
+
+  .venv/bin/python benchmarks/input_pipeline.py --grain --records=2048 --steps=12
 """
 
 from __future__ import annotations
@@ -97,6 +107,136 @@ def measure(pipe: pipeline_lib.Pipeline, steps: int, step_ms: float, prefetch: i
   return steps * pipe.local_batch_size / (time.perf_counter() - start)
 
 
+def photo_records(root: str, count: int, num_shards: int = 4) -> str:
+  """ArrayRecord shards of scikit-image's colour sample photos as JPEG (quality 90, at
+  their own sizes, 300-1000 px a side), repeated to `count` records; returns the glob."""
+  import io
+  import pathlib
+  import skimage
+  folder = pathlib.Path(skimage.__file__).parent / "data"
+  photos = []
+  for path in sorted(folder.glob("*.png")) + sorted(folder.glob("*.jpg")):
+    image = Image.open(path)
+    if image.mode not in ("RGB", "RGBA") or min(image.size) < 256:
+      continue  # grey scans, masks and icons are not photographs
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=90)
+    photos.append((buffer.getvalue(), f"a photo: {path.stem.replace('_', ' ')}"))
+  examples = ({"image": photos[k % len(photos)][0], "caption": photos[k % len(photos)][1]}
+              for k in range(count))
+  sources.write_records(os.path.join(root, "photos.array_record"), examples, num_shards)
+  print(f"{count} records of {len(photos)} JPEG photos "
+        f"({sum(len(p[0]) for p in photos) // len(photos) // 1024} KB on average) in "
+        f"{num_shards} shards")
+  return os.path.join(root, "photos-*.array_record")
+
+
+class DecodeResize:
+  """grain's per-record work: the same parse, decode and resize our records: source and
+  Pipeline do (a picklable callable, for grain's worker processes)."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def __call__(self, record: bytes) -> np.ndarray:
+    from imagen_jax.data import preprocess
+    data, _ = sources.parse_example(record, "benchmark")
+    return preprocess.resize_center_crop(sources.decode_image(data, "benchmark"), self.size)
+
+
+def grain_batches(pattern: str, size: int, batch_size: int, threads: int, processes: int):
+  """An iterator of [batch, size, size, 3] uint8 batches from grain."""
+  import glob
+  import grain
+  from absl import flags
+  if not flags.FLAGS.is_parsed():  # grain's worker processes read its absl flags
+    flags.FLAGS.mark_as_parsed()
+  source = grain.sources.ArrayRecordDataSource(sorted(glob.glob(pattern)))
+  dataset = (grain.MapDataset.source(source).shuffle(seed=0).repeat()
+             .map(DecodeResize(size)).batch(batch_size, drop_remainder=True))
+  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                       prefetch_buffer_size=2 * batch_size))
+  if processes:
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes))
+  return iter(iterable)
+
+
+def ours_batches(pattern: str, size: int, batch_size: int, threads: int):
+  pipe = pipeline_lib.Pipeline(f"records:{pattern}", None, image_size=size,
+                               global_batch_size=batch_size, seed=0, max_length=None,
+                               num_workers=threads)
+  step = 0
+  while True:
+    yield pipe.host_batch(step)["image"]
+    step += 1
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process and its live children (grain's worker processes), from
+  /proc: on a shared machine it moves much less than wall time."""
+  tick = os.sysconf("SC_CLK_TCK")
+  total = time.process_time()
+  me = str(os.getpid())
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # the process ended meanwhile
+      continue
+    if fields[1] == me:  # ppid
+      total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+  return total
+
+
+def examples_per_s(batches, steps: int, batch_size: int) -> tuple[float, float]:
+  """(wall-clock examples/s, CPU ms per example) over `steps` batches, after 3 warm-up
+  batches (worker start-up)."""
+  for _ in range(3):
+    next(batches)
+  start, cpu = time.perf_counter(), _cpu_seconds()
+  for _ in range(steps):
+    batch = next(batches)
+    assert batch.shape[0] == batch_size
+  examples = steps * batch_size
+  return (examples / (time.perf_counter() - start),
+          1000 * (_cpu_seconds() - cpu) / examples)
+
+
+def compare_grain(args) -> int:
+  configs = []  # (loader, workers, what a worker is, make)
+  for workers in (1, 2):
+    configs.append(("ours", workers, "thread", lambda p, s, w=workers: ours_batches(
+        p, s, args.batch_size, w)))
+    configs.append(("grain", workers, "thread", lambda p, s, w=workers: grain_batches(
+        p, s, args.batch_size, w, 0)))
+    configs.append(("grain", workers, "process", lambda p, s, w=workers: grain_batches(
+        p, s, args.batch_size, 1, w)))
+  print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} batch={args.batch_size} "
+        f"steps={args.steps} rounds={args.rounds} (best round of each; the CPU is "
+        "shared, so CPU ms per example, this process and its workers, is the stable "
+        "figure)")
+  with tempfile.TemporaryDirectory() as tmp:
+    pattern = photo_records(tmp, args.records)
+    print(f"{'size':>4} {'loader':6} {'workers':>7} {'worker':8} {'examples/s':>10} "
+          f"{'per worker':>10} {'CPU ms/ex':>9} {'ex/s per core':>13}")
+    for size in (64, 256):
+      best = {}
+      for _ in range(args.rounds):  # rounds interleave the configs: load drifts evenly
+        for loader, workers, kind, make in configs:
+          batches = make(pattern, size)
+          rate, cpu_ms = examples_per_s(batches, args.steps, args.batch_size)
+          close = getattr(batches, "close", None)
+          if close:
+            close()
+          key = (loader, workers, kind)
+          old_rate, old_cpu = best.get(key, (0.0, float("inf")))
+          best[key] = (max(old_rate, rate), min(old_cpu, cpu_ms))
+      for (loader, workers, kind), (rate, cpu_ms) in best.items():
+        print(f"{size:4d} {loader:6} {workers:7d} {kind:8} {rate:10.0f} "
+              f"{rate / workers:10.0f} {cpu_ms:9.2f} {1000 / cpu_ms:13.0f}", flush=True)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--cases", default=",".join(CASES))
@@ -107,7 +247,13 @@ def main(argv=None) -> int:
   parser.add_argument("--d_model", type=int, default=512)
   parser.add_argument("--max_length", type=int, default=64)
   parser.add_argument("--folder_images", type=int, default=512)
+  parser.add_argument("--grain", action="store_true",
+                      help="compare with grain on ArrayRecord shards of JPEG photos")
+  parser.add_argument("--records", type=int, default=2048)
+  parser.add_argument("--rounds", type=int, default=2)
   args = parser.parse_args(argv)
+  if args.grain:
+    return compare_grain(args)
   print(f"cpus={os.cpu_count()} batch={args.batch_size} steps={args.steps} "
         f"d_model={args.d_model} max_length={args.max_length}")
   with tempfile.TemporaryDirectory() as tmp:

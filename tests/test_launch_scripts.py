@@ -308,3 +308,98 @@ SLURM_PROGRAM = textwrap.dedent("""\
     print("RESULT", info.method, jax.process_index(), jax.process_count(),
           jax.device_count(), gathered, flush=True)
     """)
+
+
+# ---------------------------------------------------------------- gke_jobset.py
+
+GKE_JOBSET = REPO / "launch" / "gke_jobset.py"
+K8S_COMMAND = [*USER_COMMAND, "--gin.CACHE_DIR='$(HOME)/cache'"]
+
+
+def render_jobset(*options, command=K8S_COMMAND):
+  import yaml
+  result = subprocess.run([sys.executable, str(GKE_JOBSET), *options, "--", *command],
+                          capture_output=True, text=True, timeout=30)
+  assert result.returncode == 0, result.stderr
+  return yaml.safe_load(result.stdout)
+
+
+def pod_of(jobset):
+  (replicated,) = jobset["spec"]["replicatedJobs"]
+  return replicated, replicated["template"]["spec"], \
+      replicated["template"]["spec"]["template"]["spec"]
+
+
+def test_gke_jobset_tpu_slice_manifest(tmp_path):
+  jobset = render_jobset("--name=base64", "--image=gcr.io/p/imagen:1", "--tpu=v5p",
+                         "--topology=4x4x4", "--env=XLA_FLAGS=--xla_dump_to=/tmp/d")
+  assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+  assert jobset["metadata"]["annotations"] == {
+      "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
+  assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+  replicated, job, pod = pod_of(jobset)
+  assert (replicated["name"], replicated["replicas"]) == ("workers", 1)
+  # 4x4x4 = 64 chips, 4 per host: 16 pods, one per host, indexed 0..15.
+  assert (job["parallelism"], job["completions"], job["completionMode"]) == (16, 16, "Indexed")
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                 "cloud.google.com/gke-tpu-topology": "4x4x4"}
+  (container,) = pod["containers"]
+  assert container["resources"] == {"limits": {"google.com/tpu": 4}}
+  env = {e["name"]: e["value"] for e in container["env"]}
+  # JobSet's pod DNS name: <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain>.
+  assert env["IMAGEN_COORDINATOR"] == "base64-workers-0-0.base64:1234"
+  assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"
+
+  # Pod 5 runs the command as Kubernetes would: $(VAR) expansion (none left but the
+  # escaped one), then bash; the program gets every argument intact plus the flags that
+  # hosts.initialize reads.
+  program = tmp_path / "imagen-train"
+  program.write_text("#!/usr/bin/env python3\nimport json, sys\n"
+                     "print(json.dumps(sys.argv[1:]))\n")
+  program.chmod(0o755)
+  command = [arg.replace("$$(", "$(") for arg in container["command"]]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=30, env={
+      **env, "JOB_COMPLETION_INDEX": "5", "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+  assert result.returncode == 0, result.stderr
+  argv = json.loads(result.stdout)
+  assert argv[:len(K8S_COMMAND) - 1] == K8S_COMMAND[1:]
+  import argparse
+  from imagen_jax.parallel import hosts
+  parser = argparse.ArgumentParser()
+  hosts.add_distributed_flags(parser)
+  flags = parser.parse_args(argv[len(K8S_COMMAND) - 1:])
+  assert (flags.coordinator_address, flags.process_count, flags.process_index) == (
+      "base64-workers-0-0.base64:1234", 16, 5)
+
+
+def test_gke_jobset_gpu_nodes_and_one_host():
+  jobset = render_jobset("--name=embed", "--image=img", "--gpus_per_host=8", "--hosts=4",
+                         "--gpu=nvidia-h100-80gb", "--namespace=ml",
+                         "--service_account=gcs-writer")
+  assert "annotations" not in jobset["metadata"]
+  assert jobset["metadata"]["namespace"] == "ml"
+  _, job, pod = pod_of(jobset)
+  assert job["parallelism"] == 4 and pod["serviceAccountName"] == "gcs-writer"
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+  assert pod["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 8}}
+  # One host: the command as given, no multi-process flags.
+  _, job, pod = pod_of(render_jobset("--name=one", "--image=img", "--tpu=v5e",
+                                     "--topology=2x2", command=["imagen-plan", "--x=1"]))
+  assert job["parallelism"] == 1
+  assert pod["containers"][0]["command"] == ["imagen-plan", "--x=1"]
+  assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v5-lite-podslice"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--name=Base", "--tpu=v4", "--topology=2x2x2"], "--name='Base' must be a DNS label"),
+    (["--name=a", "--tpu=v4", "--topology=2x2x2", "--gpus_per_host=8"], "either --tpu"),
+    (["--name=a", "--tpu=v4"], "needs --topology"),
+    (["--name=a", "--tpu=v4", "--topology=2x2x2", "--hosts=4"], "has 2 hosts"),
+    (["--name=a", "--tpu=v4", "--topology=3x3"], "not a multiple"),
+    (["--name=a", "--gpus_per_host=8"], "need --hosts=N and --gpu"),
+])
+def test_gke_jobset_bad_options_exit_2_with_one_line(options, message):
+  result = subprocess.run([sys.executable, str(GKE_JOBSET), "--image=i", *options, "--",
+                           "imagen-train"], capture_output=True, text=True, timeout=30)
+  assert result.returncode == 2 and result.stdout == ""
+  assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

@@ -87,3 +87,23 @@ def test_init_model_creates_sharded_params(devices):
   # Zero-initialised output layer (each block starts as the identity, as in ADM).
   assert not np.asarray(model.out_conv.kernel[...]).any()
   assert np.asarray(model.input_conv.kernel[...]).std() > 0
+
+
+@pytest.mark.parametrize("gin_file, image_size, batch_size, optimizer", [
+    ("experiments/web_base64.gin", 64, 2048, "adafactor"),
+    ("experiments/web_sr256.gin", 256, 4096, "adam"),
+])
+def test_web_experiments_read_converted_shards(gin_file, image_size, batch_size, optimizer):
+  """The LAION/CC12M-style runs of docs/data.md: records: shards and a cache by default,
+  paths the user overrides, the paper's model and optimizer underneath."""
+  macro = lambda name: gin.query_parameter(f"{name}/macro.value")
+  gin_utils.parse_gin([gin_file], finalize=False)  # MODEL_DIR: the user's to set
+  assert macro("DATASET") == "records:data/web/records/*.array_record"
+  assert macro("CACHE_DIR") == "data/web/t5xxl"
+  assert (macro("IMAGE_SIZE"), macro("BATCH_SIZE")) == (image_size, batch_size)
+  assert gin.query_parameter("make_optimizer.name") == optimizer
+  gin.clear_config()
+  gin_utils.parse_gin([gin_file], ["DATASET = 'records:gs://b/laion/*.array_record'",
+                                   "CACHE_DIR = 'gs://b/t5xxl'", "MODEL_DIR = 'gs://b/run'"])
+  assert macro("DATASET") == "records:gs://b/laion/*.array_record"
+  assert (macro("CACHE_DIR"), macro("MODEL_DIR")) == ("gs://b/t5xxl", "gs://b/run")

@@ -253,3 +253,61 @@ def test_corrupt_shard_is_detected(small_cache, tmp_path, damage):
   with pytest.raises(UserError, match=match):  # without verify: sizes, riegeli's hashes
     cache_lib.EmbeddingCache.open(copy).get_batch(CAPTIONS[3:6], MAX_LENGTH)
   assert cache_lib.EmbeddingCache.open(copy).lookup(CAPTIONS[0]).shape[1] == 32  # others ok
+
+
+def test_process_shares_are_disjoint_and_cover_every_caption():
+  keys = [cache_lib.caption_key(c) for c in CAPTIONS]
+  for count in (1, 2, 3):
+    shares = [cache_lib.process_share(k, count) for k in keys]
+    assert set(shares) <= set(range(count))
+    assert shares == [cache_lib.process_share(k, count) for k in keys]  # pure
+  assert len(set(cache_lib.process_share(k, 2) for k in keys)) == 2  # not all on one
+
+
+def test_multi_process_build_resumes_and_equals_one_process(encoder, tmp_path):
+  """Process 1 of 2 killed after one shard, run again, then process 0 (which merges):
+  one manifest with the keys and values of a one-process build. (The processes run one
+  after the other here; the barriers are the multi-process test's business.)"""
+  barriers = []
+  build = lambda p, enc: cache_lib.build_cache(
+      tmp_path, CAPTIONS, enc, shard_size=2, progress=False, process_index=p,
+      process_count=2, barrier=barriers.append)
+  mine = [c for c in CAPTIONS if cache_lib.process_share(cache_lib.caption_key(c), 2) == 1]
+  assert 2 < len(mine) < len(CAPTIONS) - 2
+  with pytest.raises(KeyboardInterrupt):
+    build(1, Wrapped(encoder, interrupt_after=1))
+  listed = json.loads((tmp_path / cache_lib.part_name(1)).read_text())["shards"]
+  assert [s["file"] for s in listed] == ["shard-p00001-00000.array_record"]
+  kept = (tmp_path / listed[0]["file"]).read_bytes()
+  stats = build(1, encoder)
+  assert (stats["unique"], stats["existing"], stats["new"]) == (len(mine), 2, len(mine) - 2)
+  assert (tmp_path / listed[0]["file"]).read_bytes() == kept
+  assert barriers == ["embedding_cache_written", "embedding_cache_merged"]
+  assert (tmp_path / cache_lib.part_name(1)).exists()  # only process 0 merges
+  stats = build(0, encoder)
+  assert stats["new"] == len(CAPTIONS) - len(mine)
+  assert not list(tmp_path.glob(cache_lib.PART_PREFIX + "*"))
+  manifest = cache_lib.read_manifest(tmp_path)
+  assert manifest["num_captions"] == len(CAPTIONS)
+  cache = cache_lib.EmbeddingCache.open(tmp_path)
+  single = tmp_path / "single"
+  cache_lib.build_cache(single, CAPTIONS, encoder, shard_size=5, progress=False)
+  assert cache.keys() == cache_lib.EmbeddingCache.open(single).keys()
+  for caption in CAPTIONS:
+    assert (cache.lookup(caption) ==
+            cache_lib.EmbeddingCache.open(single).lookup(caption)).all()
+  # A one-process rerun has nothing to do.
+  assert cache_lib.build_cache(tmp_path, CAPTIONS, encoder, progress=False)["new"] == 0
+
+
+def test_one_process_run_lists_a_killed_multi_process_run(encoder, tmp_path):
+  with pytest.raises(KeyboardInterrupt):
+    cache_lib.build_cache(tmp_path, CAPTIONS, Wrapped(encoder, interrupt_after=1),
+                          shard_size=2, progress=False, process_index=1, process_count=2,
+                          barrier=lambda name: None)
+  stats = cache_lib.build_cache(tmp_path, CAPTIONS, encoder, shard_size=4, progress=False)
+  assert (stats["existing"], stats["new"]) == (2, len(CAPTIONS) - 2)
+  assert not list(tmp_path.glob(cache_lib.PART_PREFIX + "*"))
+  files = [s["file"] for s in cache_lib.read_manifest(tmp_path)["shards"]]
+  assert files[0] == "shard-p00001-00000.array_record" and len(files) == 4
+  assert len(cache_lib.EmbeddingCache.open(tmp_path)) == len(CAPTIONS)

@@ -9,25 +9,38 @@
 Captions come from the data source named by the gin macro `DATASET` (see
 `imagen_jax.data.sources.get_source`), or from `--captions=FILE`, one caption per line.
 Only captions the cache lacks are encoded, so a second run adds nothing and an interrupted
-run resumes. The operative config is written to CACHE_DIR/config.gin.
+run resumes. The operative config is written to CACHE_DIR/config.gin, the run's counts and
+captions/s per device to CACHE_DIR/embed_summary.json.
+
+On several hosts every process runs the same command (launch/tpu_pod.sh, slurm.sbatch,
+gke_jobset.py, or launch/multiprocess_cpu.sh N on one machine): each embeds its share of
+the unique captions on its own devices and writes its own shards; the cache is the same
+for any process count, and each process resumes its share.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import gin
 import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from imagen_jax.cli import gin_utils
 from imagen_jax.errors import UserError
+from imagen_jax.parallel import hosts
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import encode
+
+SUMMARY_FILE = "embed_summary.json"
 
 
 def read_caption_file(path: str | os.PathLike) -> list[str]:
@@ -57,12 +70,62 @@ def dataset_captions(spec: str) -> list[str]:
   return captions
 
 
+# How long a finished process waits for the slowest one before the manifest merge: the
+# shares are equal in expectation, but a resumed process may have more left to do.
+_FINISH_BARRIER_TIMEOUT_S = 7 * 24 * 3600
+
+
+def _encoder_on_local_devices():
+  """The configured encoder on this process's devices only. Embedding is embarrassingly
+  parallel: no process waits for another's batches (no lockstep, no padded shares) and
+  T5-XXL fits one host's accelerators (9.2 GB in bfloat16), so a global mesh would only
+  add cross-host traffic; `text_encoder.mesh` still shards it over the local devices."""
+  return encode.text_encoder(devices=jax.local_devices())
+
+
+def _summary(stats: dict, seconds: float, process_count: int) -> dict:
+  """Totals over the processes' stats (from each process, in process order)."""
+  per_process = _gather_stats(stats)
+  new = sum(p["new"] for p in per_process)
+  devices = sum(p["devices"] for p in per_process)
+  rate = new / seconds if seconds > 0 else 0.0
+  return {"processes": process_count, "devices": devices, "captions": stats["captions"],
+          "unique": sum(p["unique"] for p in per_process),
+          "existing": sum(p["existing"] for p in per_process), "new": new,
+          "shards": sum(p["shards"] for p in per_process),
+          "truncated": sum(p["truncated"] for p in per_process),
+          "seconds": round(seconds, 3), "captions_per_s": round(rate, 2),
+          "captions_per_s_per_device": round(rate / devices, 3),
+          "per_process": per_process}
+
+
+def _gather_stats(stats: dict) -> list[dict]:
+  fields = ("unique", "existing", "new", "shards", "truncated", "seconds")
+  mine = np.asarray([*(float(stats[f]) for f in fields), jax.local_device_count()])
+  rows = mine[None] if jax.process_count() == 1 else np.asarray(
+      multihost_utils.process_allgather(mine))
+  out = []
+  for row in rows:
+    entry = {f: (round(float(v), 3) if f == "seconds" else int(v))
+             for f, v in zip(fields, row)}
+    entry["devices"] = int(row[-1])
+    rate = entry["new"] / entry["seconds"] if entry["seconds"] > 0 else 0.0
+    entry["captions_per_s_per_device"] = round(rate / entry["devices"], 3)
+    out.append(entry)
+  return out
+
+
 @gin.configurable("embed")
 def run_embed(dataset: str | None = None, cache_dir: str | None = None,
               shard_size: int = cache_lib.DEFAULT_SHARD_SIZE, *,
               captions_file: str | None = None, verify: bool = False,
               progress: bool = True) -> dict:
-  """Embeds the captions of `dataset` (or `captions_file`) into the cache at `cache_dir`."""
+  """Embeds the captions of `dataset` (or `captions_file`) into the cache at `cache_dir`.
+
+  With several processes each embeds its share of the unique captions on its own devices
+  (`cache.build_cache`); the cache is the same for any process count. Returns the run's
+  summary (also written to CACHE_DIR/embed_summary.json by process 0).
+  """
   if cache_dir is None:
     raise UserError("no cache directory: set CACHE_DIR, e.g. --gin.CACHE_DIR=\"'runs/cache'\"")
   if verify:
@@ -78,27 +141,35 @@ def run_embed(dataset: str | None = None, cache_dir: str | None = None,
   else:
     raise UserError("no captions: set DATASET (--gin.DATASET=\"'shapes'\") or pass "
                     "--captions=FILE")
-  if jax.process_count() > 1:
-    raise UserError("imagen-embed runs as one process (it writes the cache alone); run it "
-                    "on one host, without jax.distributed, using that host's devices")
-  encoder = encode.text_encoder()
+  encoder = _encoder_on_local_devices()
   cache_path = epath.Path(cache_dir)
   cache_path.mkdir(parents=True, exist_ok=True)
-  gin_utils.write_operative_config(cache_path)  # records the encoder before any work
-  logging.info("embedding %s with %r on %d device(s), batch %d", source_name,
-               encoder.encoder, encoder.mesh.size, encoder.batch_size)
-  stats = cache_lib.build_cache(cache_path, captions, encoder, shard_size=shard_size,
-                                progress=progress)
-  rate = stats["new"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
-  total = len(cache_lib.EmbeddingCache.open(cache_path))
-  print(f"{stats['new']} new captions embedded ({stats['existing']} already cached, "
-        f"{stats['captions'] - stats['unique']} duplicates) into {stats['shards']} shard(s) "
-        f"in {stats['seconds']:.1f}s ({rate:.1f} captions/s); {cache_dir} holds {total} "
-        "captions")
+  main = hosts.is_main_process()
+  if main:
+    gin_utils.write_operative_config(cache_path)  # records the encoder before any work
+  logging.info("embedding %s with %r on %d device(s) of process %d/%d, batch %d",
+               source_name, encoder.encoder, encoder.mesh.size, jax.process_index(),
+               jax.process_count(), encoder.batch_size)
+  start = time.perf_counter()
+  stats = cache_lib.build_cache(
+      cache_path, captions, encoder, shard_size=shard_size, progress=progress,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      barrier=lambda name: hosts.sync_global_devices(name, _FINISH_BARRIER_TIMEOUT_S))
+  summary = _summary(stats, time.perf_counter() - start, jax.process_count())
   if stats["truncated"]:
     logging.warning("%d caption(s) were longer than %d tokens and were truncated",
                     stats["truncated"], encoder.max_length)
-  return stats
+  if not main:
+    return summary
+  cache_lib.write_atomic(cache_path / SUMMARY_FILE, json.dumps(summary, indent=1).encode())
+  total = len(cache_lib.EmbeddingCache.open(cache_path))
+  print(f"{summary['new']} new captions embedded ({summary['existing']} already cached, "
+        f"{summary['captions'] - summary['unique']} duplicates) into {summary['shards']} "
+        f"shard(s) in {summary['seconds']:.1f}s on {summary['processes']} process(es), "
+        f"{summary['devices']} device(s): {summary['captions_per_s']:.1f} captions/s, "
+        f"{summary['captions_per_s_per_device']:.2f} per device; {cache_dir} holds "
+        f"{total} captions", flush=True)
+  return summary
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -110,7 +181,9 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--verify", action="store_true",
                       help="check the sha256 of every shard of CACHE_DIR, then exit")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  hosts.add_distributed_flags(parser)
   args = gin_utils.parse_args(parser, argv)
+  hosts.initialize(args)  # before any JAX computation
   gin.clear_config()  # a fresh config per call, so main() can run twice in one process
   gin_utils.apply_gin_args(args)
   run_embed(captions_file=args.captions, verify=args.verify,

@@ -11,6 +11,11 @@ Layout of a cache directory:
   shard-00000.array_record ArrayRecord: one record per caption (random access)
   shard-00000.keys         the records' keys, in record order: 32-byte sha256 digests
   config.gin               imagen-embed's operative config (the encoder it used)
+  embed_summary.json       imagen-embed's last run: counts and captions/s per device
+
+A multi-process build (`build_cache(..., process_count=P)`) writes process p's shards as
+shard-p0000p-00000... and lists them in manifest.part-0000p.json until process 0 merges
+the parts into manifest.json at the end; readers see manifest.json only.
 
 A record is a fixed header and raw bytes, no pickle:
 
@@ -27,8 +32,8 @@ Lookup is O(1): opening the cache reads the small `.keys` files into a dict key 
 Writing is resumable and never touches what exists. Each shard is written under a
 temporary name and renamed when complete, then the manifest is rewritten atomically (temp
 file + rename) to list it. A killed run leaves at most an unlisted temp file, which the
-next run ignores; captions already in a listed shard are skipped. Only one writer at a time
-per directory.
+next run ignores; captions already in a listed shard (in manifest.json or a part) are
+skipped. One build at a time per directory (its processes write disjoint files).
 """
 
 from __future__ import annotations
@@ -53,11 +58,11 @@ from imagen_jax.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PART_PREFIX = "manifest.part-"  # one per process of a multi-process build, until merged
 DEFAULT_SHARD_SIZE = 4096
 _MAGIC = b"IJE1"
 _HEADER = struct.Struct("<4sIII32s")  # magic, length, d_model, caption bytes, key
 _KEY_BYTES = 32
-_SHARD_RE = re.compile(r"^shard-(\d{5,})\.(array_record|keys)$")
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 assert sys.byteorder == "little", "the cache format stores little-endian bfloat16"
 # Identity fields that must match for cached embeddings to equal the encoder's output.
@@ -110,7 +115,7 @@ def _sha256_file(path: epath.Path) -> str:
   return digest.hexdigest()
 
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
+def write_atomic(path: epath.Path, data: bytes) -> None:
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_bytes(data)
   tmp.replace(path)
@@ -325,21 +330,37 @@ class EmbeddingCache:
 
 # --- writing -----------------------------------------------------------------------------
 
-def _shard_names(index: int) -> tuple[str, str]:
-  return f"shard-{index:05d}.array_record", f"shard-{index:05d}.keys"
+def part_name(process_index: int) -> str:
+  """The manifest part that process `process_index` of a multi-process build writes."""
+  return f"{PART_PREFIX}{process_index:05d}.json"
 
 
-def _next_shard_index(root: epath.Path, manifest: Mapping[str, Any]) -> int:
-  """One past every shard listed or lying on disk: never reuse (overwrite) a file name."""
-  used = [-1]
-  for entry in manifest["shards"]:
-    match = _SHARD_RE.match(entry["file"])
-    if match:
-      used.append(int(match.group(1)))
+def shard_prefix(process_index: int, process_count: int) -> str:
+  """Shard file names of one writer: one process alone writes shard-00000..., process p
+  of several shard-p0000p-00000..., so concurrent writers never share a name."""
+  return "shard-" if process_count == 1 else f"shard-p{process_index:05d}-"
+
+
+def process_share(key: str, process_count: int) -> int:
+  """The process that embeds the caption with this key: a pure function of the key, so
+  the shares are disjoint and every process finds its own share in one pass, without
+  holding the other processes' captions."""
+  return int(key[:16], 16) % process_count
+
+
+def _next_shard_index(root: epath.Path, manifest: Mapping[str, Any], prefix: str) -> int:
+  """One past every `prefix` shard listed or lying on disk: never reuse (overwrite) a
+  file name."""
+  pattern = re.compile(re.escape(prefix) + r"(\d{5,})\.(array_record|keys)$")
   listed = {entry["file"] for entry in manifest["shards"]}
   listed |= {entry["keys_file"] for entry in manifest["shards"]}
-  for file in root.glob("shard-*"):
-    match = _SHARD_RE.match(file.name)
+  used = [-1]
+  for name in listed:
+    match = pattern.match(name)
+    if match:
+      used.append(int(match.group(1)))
+  for file in root.glob(prefix + "*"):
+    match = pattern.match(file.name)
     if match:
       used.append(int(match.group(1)))
       if file.name not in listed:
@@ -348,11 +369,11 @@ def _next_shard_index(root: epath.Path, manifest: Mapping[str, Any]) -> int:
   return max(used) + 1
 
 
-def _write_shard(root: epath.Path, index: int, items: Sequence[tuple[str, str]], encoder,
+def _write_shard(root: epath.Path, name: str, items: Sequence[tuple[str, str]], encoder,
                  on_batch) -> dict:
-  """Encodes `items` (key, caption) into one new shard; returns its manifest entry."""
+  """Encodes `items` (key, caption) into the new shard `name`; returns its manifest entry."""
   from array_record.python import array_record_module
-  shard_name, keys_name = _shard_names(index)
+  shard_name, keys_name = f"{name}.array_record", f"{name}.keys"
   tmp = root / (shard_name + ".tmp")
   writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
   truncated = 0
@@ -378,63 +399,150 @@ def _write_shard(root: epath.Path, index: int, items: Sequence[tuple[str, str]],
   return entry
 
 
-def build_cache(path: str | os.PathLike, captions: Iterable[str], encoder, *,
-                shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict:
-  """Adds the embeddings of `captions` that the cache lacks; resumable.
-
-  `encoder` is a `TextEncoder` (`encode_with_info`, `identity`, `batch_size`). Captions
-  are trimmed of surrounding whitespace and de-duplicated by `caption_key`. Returns counts:
-  `captions` (given), `unique`, `existing` (already cached), `new` (added), `shards`
-  (written now), `truncated` (new captions cut to max_length), `seconds`.
-  """
-  if shard_size < 1:
-    raise UserError(f"shard_size={shard_size} must be positive")
-  root = epath.Path(path)
-  root.mkdir(parents=True, exist_ok=True)
-  identity = encoder.identity
-  if (root / MANIFEST).exists():
-    manifest = read_manifest(root)
+def _read_listings(root: epath.Path, identity: Mapping[str, Any]) -> dict[str, dict]:
+  """{file name: manifest} of manifest.json and every process's part, each checked
+  against the encoder's identity."""
+  files = [root / MANIFEST] if (root / MANIFEST).exists() else []
+  files += sorted(root.glob(PART_PREFIX + "*.json"))
+  listings = {}
+  for file in files:
+    manifest = read_manifest(root) if file.name == MANIFEST else _read_part(file)
     compare_identity(manifest, identity, repr(os.fspath(root)))
-    existing = EmbeddingCache(root, manifest)
-    known = existing._index  # noqa: SLF001  (same module)
-    for shard in existing._shards:  # a truncated shard would stay unnoticed otherwise
-      if not shard.path.exists() or shard.path.stat().length != shard.entry["bytes"]:
-        raise UserError(f"shard {os.fspath(shard.path)} listed in the manifest is missing "
-                        "or truncated; restore it, or remove its entry from manifest.json "
-                        "and rerun")
-  else:
-    manifest = None
-    known = {}
+    listings[file.name] = manifest
+  return listings
+
+
+def _read_part(file: epath.Path) -> dict:
+  try:
+    manifest = json.loads(file.read_text())
+  except ValueError as e:
+    raise UserError(f"{file} is not valid JSON ({e}); delete it and rerun imagen-embed to "
+                    "re-encode the captions it listed") from e
+  if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    raise UserError(f"{file} is not a format {FORMAT_VERSION} manifest part; delete it and "
+                    "rerun imagen-embed")
+  return manifest
+
+
+def _union(listings: Mapping[str, dict], identity: Mapping[str, Any]) -> dict:
+  """One manifest listing every shard of `listings` once (manifest.json's first)."""
+  names = sorted(listings, key=lambda name: (name != MANIFEST, name))
+  union = dict(listings[MANIFEST]) if MANIFEST in listings else new_manifest(identity)
+  union["shards"] = []
+  files = set()
+  for name in names:
+    for entry in listings[name]["shards"]:
+      if entry["file"] not in files:
+        files.add(entry["file"])
+        union["shards"].append(entry)
+  union["num_captions"] = sum(entry["count"] for entry in union["shards"])
+  return union
+
+
+def merge_parts(path: str | os.PathLike, identity: Mapping[str, Any]) -> dict:
+  """Lists the shards of every process's manifest part in manifest.json, then deletes the
+  parts; returns the manifest. Rewrites nothing when there is no part and manifest.json
+  exists. Only one process may call it, when no other writes."""
+  root = epath.Path(path)
+  listings = _read_listings(root, identity)
+  manifest = _union(listings, identity)
+  if set(listings) != {MANIFEST}:
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+    for name in listings:
+      if name != MANIFEST:
+        (root / name).unlink()
+  return manifest
+
+
+def _known_keys(root: epath.Path, identity: Mapping[str, Any]) -> dict[bytes, Any]:
+  """The keys of every shard listed in manifest.json or a part, after size checks."""
+  listings = _read_listings(root, identity)
+  if not listings:
+    return {}
+  existing = EmbeddingCache(root, _union(listings, identity))
+  for shard in existing._shards:  # a truncated shard would stay unnoticed otherwise
+    if not shard.path.exists() or shard.path.stat().length != shard.entry["bytes"]:
+      raise UserError(f"shard {os.fspath(shard.path)} listed in the manifest is missing "
+                      "or truncated; restore it, or remove its entry from the manifest "
+                      "and rerun")
+  return existing._index  # noqa: SLF001  (same module)
+
+
+def _share(captions: Iterable[str], known: Mapping[bytes, Any], process_index: int,
+           process_count: int) -> tuple[int, int, dict[str, str]]:
+  """(captions given, unique captions in this process's share, {key: caption} of those
+  the cache lacks, in order of first appearance)."""
   given = 0
   seen: set[str] = set()
   todo: dict[str, str] = {}
   for caption in captions:
     given += 1
     key = caption_key(caption)
+    if process_count > 1 and process_share(key, process_count) != process_index:
+      continue
     seen.add(key)
     if key not in todo and bytes.fromhex(key) not in known:
       todo[key] = caption.strip()
+  return given, len(seen), todo
+
+
+def build_cache(path: str | os.PathLike, captions: Iterable[str], encoder, *,
+                shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True,
+                process_index: int = 0, process_count: int = 1, barrier=None) -> dict:
+  """Adds the embeddings of `captions` that the cache lacks; resumable.
+
+  `encoder` is a `TextEncoder` (`encode_with_info`, `identity`, `batch_size`). Captions
+  are trimmed of surrounding whitespace and de-duplicated by `caption_key`.
+
+  Several processes (`process_count` > 1) each pass every caption and embed their share
+  (`process_share`), writing their own shards and manifest part; then `barrier(name)`
+  (every process must call build_cache), process 0 merges the parts into manifest.json
+  (`merge_parts`), and a second barrier returns once the cache is whole. A process killed
+  mid-run leaves its finished shards listed in its part; a rerun, with any process count,
+  skips them.
+
+  Returns counts for this process: `captions` (given), `unique` (in its share),
+  `existing` (already cached), `new` (added), `shards` (written now), `truncated` (new
+  captions cut to max_length), `seconds`.
+  """
+  if shard_size < 1:
+    raise UserError(f"shard_size={shard_size} must be positive")
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index={process_index} must be in 0 ... {process_count - 1}")
+  if process_count > 1 and barrier is None:
+    raise ValueError("a multi-process build needs a barrier")
+  root = epath.Path(path)
+  root.mkdir(parents=True, exist_ok=True)
+  identity = encoder.identity
+  known = _known_keys(root, identity)
+  given, unique, todo = _share(captions, known, process_index, process_count)
   if given == 0:
     raise UserError("no captions to embed: the caption list is empty")
-  if manifest is None:  # a new cache: its manifest fixes the encoder before any shard
-    manifest = new_manifest(identity)
-    _write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+  if process_count == 1:  # lists leftovers of a killed multi-process run, fixes the encoder
+    listing, manifest = MANIFEST, merge_parts(root, identity)
+  else:
+    if process_index == 0 and not (root / MANIFEST).exists():
+      write_atomic(root / MANIFEST, json.dumps(new_manifest(identity), indent=1).encode())
+    listing = part_name(process_index)
+    manifest = (_read_part(root / listing) if (root / listing).exists()
+                else new_manifest(identity))
   items = list(todo.items())
-  stats = {"captions": given, "unique": len(seen), "existing": len(seen) - len(items),
+  stats = {"captions": given, "unique": unique, "existing": unique - len(items),
            "new": len(items), "shards": 0, "truncated": 0, "seconds": 0.0}
   start_time = time.perf_counter()
   bar = None
-  if progress and items:
+  if progress and items and process_index == 0:
     from tqdm.auto import tqdm
     bar = tqdm(total=len(items), unit="caption", desc="embedding", smoothing=0.1)
+  prefix = shard_prefix(process_index, process_count)
   try:
-    index = _next_shard_index(root, manifest)
+    index = _next_shard_index(root, manifest, prefix)
     for start in range(0, len(items), shard_size):
-      entry = _write_shard(root, index, items[start:start + shard_size], encoder,
-                           bar.update if bar else (lambda n: None))
+      entry = _write_shard(root, f"{prefix}{index:05d}", items[start:start + shard_size],
+                           encoder, bar.update if bar else (lambda n: None))
       manifest["shards"].append(entry)
       manifest["num_captions"] += entry["count"]
-      _write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+      write_atomic(root / listing, json.dumps(manifest, indent=1).encode())
       stats["shards"] += 1
       stats["truncated"] += entry["truncated"]
       index += 1
@@ -442,4 +550,9 @@ def build_cache(path: str | os.PathLike, captions: Iterable[str], encoder, *,
     if bar is not None:
       bar.close()
   stats["seconds"] = time.perf_counter() - start_time
+  if process_count > 1:
+    barrier("embedding_cache_written")
+    if process_index == 0:
+      merge_parts(root, identity)
+    barrier("embedding_cache_merged")
   return stats

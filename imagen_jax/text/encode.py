@@ -56,7 +56,8 @@ class TextEncoder:
 
   def __init__(self, encoder: t5.Encoder, vocabulary, *, vocab_sha256: str,
                max_length: int = vocab_lib.DEFAULT_MAX_LENGTH, batch_size: int = 64,
-               mesh: jax.sharding.Mesh | str | None = None):
+               mesh: jax.sharding.Mesh | str | None = None,
+               devices: Sequence[jax.Device] | None = None):
     if batch_size < 1:
       raise UserError(f"text encoder batch_size={batch_size} must be positive")
     if vocabulary.vocab_size > encoder.config.vocab_size:
@@ -69,7 +70,7 @@ class TextEncoder:
     self.vocab_sha256 = vocab_sha256
     self.max_length = int(max_length)
     if not isinstance(mesh, jax.sharding.Mesh):
-      mesh = mesh_lib.make_mesh(mesh)
+      mesh = mesh_lib.make_mesh(mesh, devices=devices)
     self.mesh = mesh
     # Round up so the batch splits evenly over the data-parallel devices.
     ways = mesh_lib.data_parallel_size(mesh)
@@ -85,8 +86,9 @@ class TextEncoder:
   @classmethod
   def load(cls, t5_path: str | os.PathLike, *, vocab_path: str | os.PathLike | None = None,
            max_length: int = vocab_lib.DEFAULT_MAX_LENGTH, dtype=jnp.float32,
-           batch_size: int = 64, mesh=None) -> "TextEncoder":
-    """Loads `t5_path` (HF layout) and its vocabulary (default `t5_path/spiece.model`)."""
+           batch_size: int = 64, mesh=None, devices=None) -> "TextEncoder":
+    """Loads `t5_path` (HF layout) and its vocabulary (default `t5_path/spiece.model`).
+    `mesh` (a spec) spans `devices`, default all devices of all processes."""
     if vocab_path is None:
       vocab_path = epath.Path(t5_path) / "spiece.model"
       if epath.Path(t5_path).is_dir() and not vocab_path.exists():
@@ -96,7 +98,7 @@ class TextEncoder:
     vocabulary = vocab_lib.load_vocabulary(vocab_path)
     encoder = t5.load_encoder(t5_path, as_dtype(dtype))
     return cls(encoder, vocabulary, vocab_sha256=vocab_lib.vocabulary_sha256(vocab_path),
-               max_length=max_length, batch_size=batch_size, mesh=mesh)
+               max_length=max_length, batch_size=batch_size, mesh=mesh, devices=devices)
 
   @property
   def d_model(self) -> int:
@@ -151,10 +153,12 @@ class TextEncoder:
 @gin.configurable
 def text_encoder(t5_path: str | None = None, vocab_path: str | None = None,
                  max_length: int = vocab_lib.DEFAULT_MAX_LENGTH, dtype: str = "float32",
-                 batch_size: int = 64, mesh: str | None = None) -> TextEncoder:
+                 batch_size: int = 64, mesh: str | None = None, *,
+                 devices: Sequence[jax.Device] | None = None) -> TextEncoder:
   """The configured TextEncoder (gin: `text_encoder.t5_path = '...'` etc.).
 
-  `mesh` is a mesh spec such as "data:-1" (default) or "fsdp:8,tensor:4" for T5-XXL.
+  `mesh` is a mesh spec such as "data:-1" (default) or "fsdp:8,tensor:4" for T5-XXL, over
+  `devices` (a caller's choice, not gin's; default all devices of all processes).
   """
   if t5_path is None:
     raise UserError("no T5 checkpoint configured: set the gin macro T5_PATH (or "
@@ -162,4 +166,5 @@ def text_encoder(t5_path: str | None = None, vocab_path: str | None = None,
                     "Hugging Face directory with config.json, model.safetensors and "
                     "spiece.model)")
   return TextEncoder.load(t5_path, vocab_path=vocab_path, max_length=max_length,
-                          dtype=as_dtype(dtype), batch_size=batch_size, mesh=mesh)
+                          dtype=as_dtype(dtype), batch_size=batch_size, mesh=mesh,
+                          devices=devices)

@@ -331,11 +331,14 @@ def test_killed_convert_resumes_to_the_same_output(converted, shards, tmp_path):
   (out / ".data-00001-of-00003.array_record.tmp-dead").write_bytes(b"half")  # a killed write
   code, text = _cli(args)
   assert code == 0 and "1 already done" in text, text
+  assert not list(out.glob(".*tmp-*"))
   clean = converted[0]
   for name in ("data-00000-of-00003", "data-00001-of-00003", "data-00002-of-00003"):
     assert _records_of(out / f"{name}.array_record") == _records_of(clean / f"{name}.array_record")
   assert json.loads((out / "manifest.json").read_text())["skipped"] == \
       json.loads((clean / "manifest.json").read_text())["skipped"]
+  code, text = _cli(args[:-1] + ["--min_size=8"])  # other options: refused, not mixed in
+  assert code == 2 and "converted with other options" in text
   assert sorted(p.name for p in out.glob("*.array_record")) == sorted(
       p.name for p in clean.glob("*.array_record"))
 

@@ -207,6 +207,8 @@ def convert_shard(file_spec: str, bounds, path: epath.Path, filters: Filters,
   for reason, count in indexing_skips.items():
     skipped[reason] += count
   kept = []
+  for stale in path.parent.glob(f".{path.name}*.tmp-*"):  # left by a killed run
+    stale.unlink()
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   writer = sources_lib.RecordWriter(tmp, "array_record")
   try:
@@ -269,6 +271,11 @@ def convert(spec: str, output: str | os.PathLike, filters: Filters, *,
   options = {"input": spec, "filters": dataclasses.asdict(filters),
              "examples_per_shard": examples_per_shard}
   output.mkdir(parents=True, exist_ok=True)
+  other = sorted({p.name for p in output.glob("data-*-of-*.array_record")} -
+                 {shard_path(output, k, count).name for k in range(count)})
+  if other:
+    raise UserError(f"{os.fspath(output)} holds {other[0]} from a conversion of another "
+                    f"input ({count} input shards now); convert into a new --output folder")
   mine = [k for k in range(count) if k % process_count == process_index]
   bar = None
   if progress and process_index == 0:

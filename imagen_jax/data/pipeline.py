@@ -46,6 +46,7 @@ _FEISTEL_ROUNDS = 6
 _PURPOSE_EXAMPLE = 1  # tags the per-example rng stream (crop, flip)
 _PURPOSE_REPLACE = 2  # tags the draws of replacements for undecodable images
 MAX_REPLACEMENTS = 32
+_WARN_FIRST_FAILURES = 10  # then only `decode_failures` counts them
 # What a corrupt image raises: a bad header (ImageDecodeError), a truncated body (OSError),
 # PIL's parser errors (SyntaxError), a decompression bomb.
 DECODE_ERRORS = (sources_lib.ImageDecodeError, OSError, SyntaxError,
@@ -190,8 +191,11 @@ class Pipeline:
       except DECODE_ERRORS as e:
         with self._failures_lock:
           self.decode_failures += 1
-        log.warning("example %d: source image %d does not decode (%s); replaced", index,
-                    source_index, e)
+          failures = self.decode_failures
+        if failures <= _WARN_FIRST_FAILURES:
+          log.warning("example %d: source image %d does not decode (%s); replaced%s", index,
+                      source_index, e, "" if failures < _WARN_FIRST_FAILURES else
+                      " (further failures are only counted)")
         source_index = self.replacement(index, attempt)
     raise UserError(f"example {index}: {MAX_REPLACEMENTS + 1} source images in a row do not "
                     "decode; the dataset is mostly unreadable, check its files")

@@ -439,3 +439,20 @@ def test_train_runs_on_the_shards(which, shards, converted, caption_cache, tmp_p
   # The tar shards hold two undecodable images: replaced, counted in the metrics line.
   failures = re.findall(r"decode_failures ([\d.]+)", out.out)
   assert (which == "webdataset") == bool(failures) and all(float(f) > 0 for f in failures)
+
+
+def test_convert_a_folder_in_chunks(shards, tmp_path):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  keys = sorted(shards.good)[:5]
+  for key in keys:
+    data, caption = shards.good[key]
+    ext = {b"\xff\xd8": "jpg", b"\x89P": "png", b"RI": "webp"}[data[:2]]
+    (folder / f"{key}.{ext}").write_bytes(data)
+    (folder / f"{key}.txt").write_text(caption)
+  code, text = _cli(["convert", f"--input=folder:{folder}", f"--output={tmp_path / 'out'}",
+                     "--examples_per_shard=2"])
+  assert code == 0, text
+  assert sorted(p.name for p in (tmp_path / "out").glob("*.array_record")) == [
+      f"data-{k:05d}-of-00003.array_record" for k in range(3)]
+  assert _records(tmp_path / "out") == [shards.good[k] for k in keys]  # order kept

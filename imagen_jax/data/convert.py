@@ -79,8 +79,9 @@ def _split_spec(spec: str) -> tuple[str, str]:
   return kind, body
 
 
-def input_shards(spec: str, examples_per_shard: int) -> list[tuple[str, tuple | None]]:
-  """(file spec, None) per file for file kinds, else (spec, (start, stop)) per chunk."""
+def input_shards(spec: str, examples_per_shard: int) -> tuple[list, Any]:
+  """([(file spec, None)] per file, None) for file kinds; else ([(spec, (start, stop))]
+  per chunk, the source), so that a source that is not files is opened once."""
   if examples_per_shard < 1:
     raise UserError(f"--examples_per_shard={examples_per_shard} must be at least 1")
   kind, body = _split_spec(spec)
@@ -88,9 +89,11 @@ def input_shards(spec: str, examples_per_shard: int) -> list[tuple[str, tuple | 
     files = sources_lib.expand_pattern(body)
     if not files:
       raise UserError(f"no files match {spec!r}; fix the pattern")
-    return [(f"{kind}:{os.fspath(f)}", None) for f in files]
-  n = len(sources_lib.get_source(spec))
-  return [(spec, (a, min(a + examples_per_shard, n))) for a in range(0, n, examples_per_shard)]
+    return [(f"{kind}:{os.fspath(f)}", None) for f in files], None
+  source = sources_lib.get_source(spec)
+  n = len(source)
+  return [(spec, (a, min(a + examples_per_shard, n)))
+          for a in range(0, n, examples_per_shard)], source
 
 
 def open_input(file_spec: str):
@@ -198,9 +201,11 @@ def finished_shard(path: epath.Path, options: dict) -> dict | None:
 
 
 def convert_shard(file_spec: str, bounds, path: epath.Path, filters: Filters,
-                  seen: set[str], options: dict, progress=None) -> dict:
-  """Converts one input shard into `path` (temp name, sidecar, rename); returns the sidecar."""
-  source = open_input(file_spec)
+                  seen: set[str], options: dict, source=None) -> dict:
+  """Converts one input shard into `path` (temp name, sidecar, rename); returns the sidecar.
+  `source`: the opened source of a chunk (`bounds` set), else `file_spec` is opened."""
+  if source is None:
+    source = open_input(file_spec)
   start, stop = bounds if bounds is not None else (0, len(source))
   skipped = dict.fromkeys(SKIP_REASONS, 0)
   indexing_skips = getattr(source, "skipped", {}) if bounds is None else {}
@@ -220,8 +225,6 @@ def convert_shard(file_spec: str, bounds, path: epath.Path, filters: Filters,
         kept.append(digest)
       else:
         skipped[reason] += 1
-      if progress is not None:
-        progress.update(1)
   finally:
     writer.close()
   info = {"options": options, "input": file_spec, "bounds": bounds,
@@ -266,7 +269,7 @@ def convert(spec: str, output: str | os.PathLike, filters: Filters, *,
   if not 0 <= process_index < process_count:
     raise UserError(f"--process_index={process_index} must be in 0 ... {process_count - 1}")
   output = epath.Path(output)
-  shards = input_shards(spec, examples_per_shard)
+  shards, source = input_shards(spec, examples_per_shard)
   count = len(shards)
   options = {"input": spec, "filters": dataclasses.asdict(filters),
              "examples_per_shard": examples_per_shard}
@@ -292,7 +295,7 @@ def convert(spec: str, output: str | os.PathLike, filters: Filters, *,
     elif max_shards is not None and totals["converted"] >= max_shards:
       break
     else:
-      info = convert_shard(*shards[k], path, filters, seen, options)
+      info = convert_shard(*shards[k], path, filters, seen, options, source)
       totals["converted"] += 1
     seen.update(info["sha256"])  # what an uninterrupted run would have seen by now
     totals["examples"] += info["examples"]

@@ -122,19 +122,20 @@ def encoded_example(source, index: int) -> tuple[bytes, str]:
 # One example
 
 
-def _resized(image: Image.Image, data: bytes, side: int) -> bytes:
-  """Bytes with the shortest side shrunk to `side` (aspect kept); as given if already small.
-  JPEGs stay JPEG (quality 95); anything else becomes PNG."""
-  width, height = image.size
-  if min(width, height) <= side:
-    return data
+def _target_size(width: int, height: int, side: int) -> tuple[int, int]:
   scale = side / min(width, height)
-  size = (max(side, round(width * scale)), max(side, round(height * scale)))
-  is_jpeg = image.format == "JPEG"
-  pixels = preprocess.to_rgb_uint8(image)
-  small = Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC)
+  return max(side, round(width * scale)), max(side, round(height * scale))
+
+
+def _resized(image: Image.Image, data: bytes, side: int, size: tuple[int, int]) -> bytes:
+  """Bytes with the shortest side of an image of (original) `size` shrunk to `side`, aspect
+  kept; `data` as given if already that small. JPEGs stay JPEG (quality 95), others PNG."""
+  if min(size) <= side:
+    return data
+  small = Image.fromarray(preprocess.to_rgb_uint8(image)).resize(
+      _target_size(*size, side), Image.Resampling.BICUBIC)
   buffer = io.BytesIO()
-  if is_jpeg:
+  if image.format == "JPEG":
     small.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
   else:
     small.save(buffer, format="PNG")
@@ -153,10 +154,13 @@ def check_example(data: bytes, caption: str, filters: Filters,
     return "caption_too_long", None, None
   try:
     image = Image.open(io.BytesIO(data))
+    width, height = image.size  # from the header: the original size
+    if filters.resize and image.format == "JPEG" and min(width, height) >= 2 * filters.resize:
+      # DCT-domain downscale while decoding (never below the target; as preprocess does).
+      image.draft("RGB", _target_size(width, height, filters.resize))
     image.load()  # the whole body: a truncated file fails here
   except Exception:  # PIL raises many types for corrupt data; all mean "undecodable"
     return "undecodable", None, None
-  width, height = image.size
   if min(width, height) < filters.min_size:
     return "too_small", None, None
   if filters.max_aspect_ratio and max(width, height) / min(width, height) > \
@@ -167,7 +171,7 @@ def check_example(data: bytes, caption: str, filters: Filters,
     if digest in seen:
       return "duplicate", None, None
     seen.add(digest)
-  stored = _resized(image, data, filters.resize) if filters.resize else data
+  stored = _resized(image, data, filters.resize, (width, height)) if filters.resize else data
   return None, stored, digest
 
 

@@ -28,7 +28,6 @@ import numpy as np
 from etils import epath
 
 from imagen_jax.data import sources
-from imagen_jax.data import webdataset
 from imagen_jax.errors import UserError
 
 RECORDS_NAME = "examples.array_record"
@@ -50,7 +49,7 @@ def parse_spec(body: str) -> dict[str, str]:
 def materialized_dir(task: str, split: str, image: str, text: str) -> epath.Path:
   digest = hashlib.sha256(repr((task, split, image, text)).encode()).hexdigest()[:12]
   safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in task)
-  return webdataset.cache_dir().parent / "seqio" / f"{safe}-{split}-{digest}"
+  return sources.cache_root() / "seqio" / f"{safe}-{split}-{digest}"
 
 
 def _get_task(name: str):

@@ -65,6 +65,13 @@ SPEC_FORMS = ("shapes", "shapes:held_out", "folder:PATH", "jsonl:PATH",
 # Kinds whose PATTERN names files: one input shard per file (`imagen-data convert`).
 FILE_KINDS = ("records", "webdataset", "parquet")
 DEFAULT_SHAPES_LENGTH = 1_000_000
+CACHE_ENV = "IMAGEN_JAX_CACHE"  # where sources keep what they derive (tar indexes, seqio)
+
+
+def cache_root() -> epath.Path:
+  """$IMAGEN_JAX_CACHE, default ~/.cache/imagen_jax."""
+  return epath.Path(os.environ.get(CACHE_ENV) or
+                    os.path.join(os.path.expanduser("~"), ".cache", "imagen_jax"))
 
 
 class Source(Protocol):

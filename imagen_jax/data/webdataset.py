@@ -36,14 +36,11 @@ INDEX_FORMAT = "imagen_jax.tar_index/1"
 INDEX_SUFFIX = ".idx.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "caption")  # first found wins
-CACHE_ENV = "IMAGEN_JAX_CACHE"
 
 
 def cache_dir() -> epath.Path:
   """Where indexes of shards in read-only folders go: $IMAGEN_JAX_CACHE/tar_index."""
-  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                   "imagen_jax")
-  return epath.Path(root) / "tar_index"
+  return sources.cache_root() / "tar_index"
 
 
 def index_paths(shard: epath.Path) -> list[epath.Path]:

@@ -67,6 +67,10 @@ def _process_info(args) -> tuple[int, int]:
     if hosts.detect_cluster() is None:
       return 0, 1
     info = hosts.initialize(args)
+    # Disconnect at once, while every process is at the same point: otherwise one that
+    # finishes its share early would wait at JAX's exit barrier for the slowest.
+    import jax
+    jax.distributed.shutdown()
     return info.process_index, info.process_count
   if args.process_count is None or args.process_index is None:
     raise UserError("give both --process_index and --process_count, or neither")

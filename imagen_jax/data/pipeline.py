@@ -26,6 +26,7 @@ by construction, so each epoch visits every example exactly once.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import queue
 import threading
@@ -33,13 +34,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from imagen_jax.data import preprocess
 from imagen_jax.data import sources as sources_lib
 from imagen_jax.errors import UserError
 
+log = logging.getLogger(__name__)
+
 _FEISTEL_ROUNDS = 6
 _PURPOSE_EXAMPLE = 1  # tags the per-example rng stream (crop, flip)
+_PURPOSE_REPLACE = 2  # tags the draws of replacements for undecodable images
+MAX_REPLACEMENTS = 32
+_WARN_FIRST_FAILURES = 10  # then only `decode_failures` counts them
+# What a corrupt image raises: a bad header (ImageDecodeError), a truncated body (OSError),
+# PIL's parser errors (SyntaxError), a decompression bomb.
+DECODE_ERRORS = (sources_lib.ImageDecodeError, OSError, SyntaxError,
+                 Image.DecompressionBombError)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -147,6 +158,8 @@ class Pipeline:
     self.num_workers = num_workers or min(8, os.cpu_count() or 1)
     self.permutation = FeistelPermutation(len(source), self.seed)
     self._executor = None
+    self._failures_lock = threading.Lock()
+    self.decode_failures = 0  # images replaced so far (prefetched batches included)
 
   # ---------------------------------------------------------------- the global stream
 
@@ -164,13 +177,33 @@ class Pipeline:
   def example(self, index: int, source_index: int | None = None) -> dict[str, Any]:
     """Global example `index`: image (and lowres) uint8, caption str, index int.
 
-    Equal on every host and in every run with the same seed.
+    Equal on every host and in every run with the same seed. An image that fails to decode
+    is replaced by the source example `replacement(index, attempt)` (a pure function of
+    the seed, `index` and the attempt) and counted in `decode_failures`.
     """
     if source_index is None:
       source_index = int(self.source_indices([index])[0])
-    raw = (self.source.raw(source_index) if hasattr(self.source, "raw")
-           else self.source[source_index])
-    return self.preprocess(raw["image"], raw["caption"], index)
+    for attempt in range(MAX_REPLACEMENTS + 1):
+      try:
+        raw = (self.source.raw(source_index) if hasattr(self.source, "raw")
+               else self.source[source_index])
+        return self.preprocess(raw["image"], raw["caption"], index)
+      except DECODE_ERRORS as e:
+        with self._failures_lock:
+          self.decode_failures += 1
+          failures = self.decode_failures
+        if failures <= _WARN_FIRST_FAILURES:
+          log.warning("example %d: source image %d does not decode (%s); replaced%s", index,
+                      source_index, e, "" if failures < _WARN_FIRST_FAILURES else
+                      " (further failures are only counted)")
+        source_index = self.replacement(index, attempt)
+    raise UserError(f"example {index}: {MAX_REPLACEMENTS + 1} source images in a row do not "
+                    "decode; the dataset is mostly unreadable, check its files")
+
+  def replacement(self, index: int, attempt: int) -> int:
+    """The source index that stands in for example `index` after failed attempt `attempt`."""
+    rng = np.random.default_rng([self.seed, int(index), _PURPOSE_REPLACE, int(attempt)])
+    return int(rng.integers(len(self.source)))
 
   def preprocess(self, image, caption: str, index: int) -> dict[str, Any]:
     """Resize/centre-crop to the stage, make lowres, crop and flip with example `index`'s rng."""

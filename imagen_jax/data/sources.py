@@ -8,6 +8,11 @@ A source is a finite sequence of examples:
                        imagen-embed
   src.raw(i)           like src[i], but the image may still be an undecoded PIL image,
                        so that preprocessing can shrink large JPEGs while decoding
+  src.encoded(i)       (image bytes as stored, caption), where the source stores encoded
+                       images (files, records, tar, parquet): `imagen-data convert` copies
+                       them without re-encoding
+  src.shard_bounds()   [start, stop) of each input file's examples (record, tar and parquet
+                       sources): the units `imagen-data convert` shares between processes
 
 Specs (`get_source(spec)`):
 
@@ -18,6 +23,15 @@ Specs (`get_source(spec)`):
   tfds:NAME:SPLIT?image=K&text=K      any TFDS dataset, prepared as ArrayRecord
   records:PATTERN                     ArrayRecord or TFRecord shards of tf.train.Example
                                       {"image": encoded bytes, "caption": bytes}
+  webdataset:PATTERN                  img2dataset tar shards (KEY.jpg + KEY.txt), indexed once
+                                      (`imagen_jax.data.webdataset`)
+  parquet:PATTERN                     img2dataset parquet files (columns jpg, caption)
+                                      (`imagen_jax.data.parquet`)
+  seqio:TASK?split=S&image=K&text=K   a registered seqio Task, written once to ArrayRecord
+                                      (`imagen_jax.data.seqio_source`)
+
+A PATTERN is a path with globs (`*`, `?`, `[..]`) and brace ranges (`{00000..00099}`,
+`{a,b}`), expanded by `expand_pattern`.
 
 Every path goes through `etils.epath`, so `gs://bucket/...` works where a local path does.
 Random access everywhere is what makes the pipeline index-addressable (example i of the
@@ -46,8 +60,18 @@ from imagen_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SPEC_FORMS = ("shapes", "shapes:held_out", "folder:PATH", "jsonl:PATH",
-              "tfds:NAME:SPLIT?image=KEY&text=KEY", "records:PATTERN")
+              "tfds:NAME:SPLIT?image=KEY&text=KEY", "records:PATTERN", "webdataset:PATTERN",
+              "parquet:PATTERN", "seqio:TASK?split=S&image=KEY&text=KEY")
+# Kinds whose PATTERN names files: one input shard per file (`imagen-data convert`).
+FILE_KINDS = ("records", "webdataset", "parquet")
 DEFAULT_SHAPES_LENGTH = 1_000_000
+CACHE_ENV = "IMAGEN_JAX_CACHE"  # where sources keep what they derive (tar indexes, seqio)
+
+
+def cache_root() -> epath.Path:
+  """$IMAGEN_JAX_CACHE, default ~/.cache/imagen_jax."""
+  return epath.Path(os.environ.get(CACHE_ENV) or
+                    os.path.join(os.path.expanduser("~"), ".cache", "imagen_jax"))
 
 
 class Source(Protocol):
@@ -56,7 +80,7 @@ class Source(Protocol):
   def captions(self) -> Iterator[str]: ...
 
 
-class _Base:
+class BaseSource:
   """`src[i]` from `raw(i)`, with bounds checks; subclasses implement `_raw` and `captions`."""
 
   def __len__(self) -> int:
@@ -76,12 +100,17 @@ class _Base:
     return {"image": preprocess.to_rgb_uint8(example["image"]), "caption": example["caption"]}
 
 
+class ImageDecodeError(UserError):
+  """An image's bytes are not a readable image (the pipeline replaces such examples)."""
+
+
 def decode_image(data: bytes, where: str) -> Image.Image:
-  """Encoded bytes -> a lazily decoded PIL image; UserError naming `where` if unreadable."""
+  """Encoded bytes -> a lazily decoded PIL image; ImageDecodeError naming `where` if its
+  header is unreadable (a truncated body fails later, with OSError, when pixels decode)."""
   try:
     return Image.open(io.BytesIO(data))  # parses the header; pixels decode on use
   except Exception as e:  # PIL raises several types for corrupt data
-    raise UserError(f"cannot decode the image in {where}: {e}") from e
+    raise ImageDecodeError(f"cannot decode the image in {where}: {e}") from e
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -94,7 +123,7 @@ def encode_png(image: np.ndarray) -> bytes:
 # In memory
 
 
-class ArraySource(_Base):
+class ArraySource(BaseSource):
   """Images and captions held in memory (tests, small experiments)."""
 
   def __init__(self, images: Sequence[np.ndarray], captions: Sequence[str]):
@@ -116,7 +145,7 @@ class ArraySource(_Base):
 # shapes
 
 
-class ShapesSource(_Base):
+class ShapesSource(BaseSource):
   """The built-in shapes data (`imagen_jax.data.shapes`), rendered on the fly.
 
   Infinite in principle; `length` is its nominal size (one "epoch"). Scene i is
@@ -156,7 +185,7 @@ class ShapesSource(_Base):
 # folder and jsonl
 
 
-class FileListSource(_Base):
+class FileListSource(BaseSource):
   """Image files with captions, in a fixed order (folder:PATH and jsonl:PATH).
 
   Captions are given (`captions`) or read from a text file per image on use
@@ -180,14 +209,18 @@ class FileListSource(_Base):
       return self._captions[index]
     return self._caption_paths[index].read_text().strip()
 
-  def _raw(self, index):
+  def encoded(self, index: int) -> tuple[bytes, str]:
     path = self._paths[index]
     try:
       data = path.read_bytes()
     except FileNotFoundError as e:
       raise UserError(f"image {os.fspath(path)} (example {index} of {self.name}) is "
                       "missing") from e
-    return {"image": decode_image(data, os.fspath(path)), "caption": self.caption(index)}
+    return data, self.caption(index)
+
+  def _raw(self, index):
+    data, caption = self.encoded(index)
+    return {"image": decode_image(data, os.fspath(self._paths[index])), "caption": caption}
 
   def captions(self):
     return (self.caption(index) for index in range(len(self)))
@@ -262,7 +295,7 @@ def _as_text(value) -> str:
   return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
 
 
-class TfdsSource(_Base):
+class TfdsSource(BaseSource):
   """A TFDS split through `builder.as_data_source` (ArrayRecord-backed random access).
 
   The dataset must be prepared with `file_format="array_record"` (TFDS's default for new
@@ -346,6 +379,29 @@ def _record_format(path: str) -> str:
                   "'array_record' or 'tfrecord' (e.g. train-00000-of-00004.array_record)")
 
 
+class RecordWriter:
+  """Appends tf.train.Examples (see `serialize_example`) to one ArrayRecord or TFRecord file.
+
+  `fmt` is "array_record" or "tfrecord" (default: told by the file name)."""
+
+  def __init__(self, path: str | os.PathLike, fmt: str | None = None):
+    path = os.fspath(path)
+    self.format = fmt or _record_format(path)
+    if self.format == "array_record":
+      from array_record.python import array_record_module
+      # group_size:1 makes every record independently addressable (fast random reads).
+      self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    else:
+      import tensorflow as tf
+      self._writer = tf.io.TFRecordWriter(path)
+
+  def write(self, image, caption: str) -> None:
+    self._writer.write(serialize_example(image, caption))
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 def write_records(path: str | os.PathLike, examples: Iterable[dict],
                   num_shards: int = 1) -> list[str]:
   """Writes examples {"image": uint8 array or encoded bytes, "caption": str} as shards.
@@ -364,19 +420,10 @@ def write_records(path: str | os.PathLike, examples: Iterable[dict],
   suffix = "." + suffix if suffix else ""
   paths = [path.parent / f"{stem}-{k:05d}-of-{num_shards:05d}{suffix}"
            for k in range(num_shards)]
-  if fmt == "array_record":
-    from array_record.python import array_record_module
-    # group_size:1 makes every record independently addressable (fast random reads).
-    writers = [array_record_module.ArrayRecordWriter(os.fspath(p), "group_size:1")
-               for p in paths]
-    write = [w.write for w in writers]
-  else:
-    import tensorflow as tf
-    writers = [tf.io.TFRecordWriter(os.fspath(p)) for p in paths]
-    write = [w.write for w in writers]
+  writers = [RecordWriter(p, fmt) for p in paths]
   try:
     for k, example in enumerate(examples):
-      write[k % num_shards](serialize_example(example["image"], str(example["caption"])))
+      writers[k % num_shards].write(example["image"], str(example["caption"]))
   finally:
     for writer in writers:
       writer.close()
@@ -419,11 +466,11 @@ class _TfRecordFile:
     return data
 
 
-class RecordsSource(_Base):
+class RecordsSource(BaseSource):
   """Shards matching a glob pattern, in sorted order, as one random-access sequence."""
 
-  def __init__(self, pattern: str):
-    paths = _glob(pattern)
+  def __init__(self, pattern: str, *, allow_empty: bool = False):
+    paths = expand_pattern(pattern)
     if not paths:
       raise UserError(f"no record files match {pattern!r}; write some with "
                       "imagen_jax.data.sources.write_records or fix the pattern")
@@ -438,7 +485,7 @@ class RecordsSource(_Base):
     else:
       self._shards = [_TfRecordFile(p) for p in paths]
     self._starts = np.cumsum([0] + [len(s) for s in self._shards])
-    if self._starts[-1] == 0:
+    if self._starts[-1] == 0 and not allow_empty:
       raise UserError(f"the record files matching {pattern!r} hold no examples")
 
   def __len__(self) -> int:
@@ -448,11 +495,21 @@ class RecordsSource(_Base):
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
     return self._shards[shard][index - int(self._starts[shard])], shard
 
-  def _raw(self, index):
+  def _encoded(self, index: int) -> tuple[bytes, str, str]:
     record, shard = self._record(index)
     where = f"shard {shard} of {self.pattern!r}"
     data, caption = parse_example(record, where)
-    return {"image": decode_image(data, where), "caption": caption.strip()}
+    return data, caption.strip(), where
+
+  def encoded(self, index: int) -> tuple[bytes, str]:
+    return self._encoded(index)[:2]
+
+  def _raw(self, index):
+    data, caption, where = self._encoded(index)
+    return {"image": decode_image(data, where), "caption": caption}
+
+  def shard_bounds(self) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in zip(self._starts[:-1], self._starts[1:])]
 
   def captions(self):
     for index in range(len(self)):
@@ -460,7 +517,32 @@ class RecordsSource(_Base):
       yield parse_example(record, f"shard {shard} of {self.pattern!r}")[1].strip()
 
 
-def _glob(pattern: str) -> list[epath.Path]:
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """`a{00..02}b` -> a00b, a01b, a02b (zero padding kept); `{x,y}` -> x, y; nested in order."""
+  match = _BRACE.search(pattern)
+  if match is None:
+    return [pattern]
+  body, head, tail = match[1], pattern[:match.start()], pattern[match.end():]
+  numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+  if numeric:
+    first, last = numeric[1], numeric[2]
+    if int(last) < int(first):
+      raise UserError(f"brace range {{{body}}} in {pattern!r} runs backwards; write "
+                      f"{{{last}..{first}}} with the smaller number first")
+    width = len(first) if first.startswith("0") else 0
+    options = [str(k).zfill(width) for k in range(int(first), int(last) + 1)]
+  elif "," in body:
+    options = body.split(",")
+  else:
+    raise UserError(f"brace expression {{{body}}} in {pattern!r} is neither a range "
+                    "{00000..00099} nor a list {a,b}")
+  return [out for option in options for out in expand_braces(head + option + tail)]
+
+
+def _glob_one(pattern: str) -> list[epath.Path]:
   path = epath.Path(pattern)
   if not any(ch in pattern for ch in "*?["):
     return [path] if path.exists() else []
@@ -470,7 +552,13 @@ def _glob(pattern: str) -> list[epath.Path]:
   root = epath.Path("/".join(parts[:fixed]) or ".")
   if not root.exists():
     return []
-  return sorted(root.glob("/".join(parts[fixed:])), key=lambda p: os.fspath(p))
+  return list(root.glob("/".join(parts[fixed:])))
+
+
+def expand_pattern(pattern: str) -> list[epath.Path]:
+  """The existing files a PATTERN names (braces, then globs), sorted, without repeats."""
+  found = {os.fspath(p): p for part in expand_braces(pattern) for p in _glob_one(part)}
+  return [found[name] for name in sorted(found)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,4 +617,13 @@ def get_source(spec: str, *, resolution: int = 64,
     return TfdsSource(**parse_tfds_spec(body))
   if kind == "records":
     return RecordsSource(body)
+  if kind == "webdataset":
+    from imagen_jax.data import webdataset  # imported on use, like the other formats
+    return webdataset.WebDatasetSource(body)
+  if kind == "parquet":
+    from imagen_jax.data import parquet
+    return parquet.ParquetSource(body)
+  if kind == "seqio":
+    from imagen_jax.data import seqio_source
+    return seqio_source.seqio_source(body)
   raise _bad_spec(spec, f"unknown kind {kind!r}")

@@ -389,6 +389,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
     scalars["learning_rate"] = float(fetched[-1]["learning_rate"])
     scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * batch_size)
+    scalars["decode_failures"] = getattr(pipeline, "decode_failures", 0) or None  # if any
     mfu = metrics_lib.utilisation(model_flops, steps_per_s, peak, mesh.devices.size)
     if mfu is not None:
       scalars["mfu"] = mfu

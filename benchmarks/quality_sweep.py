@@ -27,7 +27,7 @@ only, which turns training into a plain caption -> mean-image regression:
 Quality is reported against training steps (and examples seen), throughput (steps/s)
 separately, because the machine is shared: wall time depends on the load.
 Text assets and the embedding cache are built on first use in --work (a random T5 from
-`imagen_jax.text.toy`, both caption splits).
+`imagen_jax.quickstart.text_assets`, both caption splits).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from imagen_jax.data.pipeline import Pipeline  # noqa: E402
 from imagen_jax.eval import shapesbench  # noqa: E402
 from imagen_jax.nn.unet import UNet  # noqa: E402
 from imagen_jax.text import cache as cache_lib  # noqa: E402
-from imagen_jax.text import toy  # noqa: E402
+from imagen_jax.quickstart import text_assets  # noqa: E402
 from imagen_jax.train import optim  # noqa: E402
 from imagen_jax.train import step as step_lib  # noqa: E402
 
@@ -69,7 +69,7 @@ def ensure_text(work: str, *, d_model: int, num_layers: int, num_heads: int,
     t5_dir = os.path.join(work, f"t5_d{d_model}_l{num_layers}_h{num_heads}")
   weights = os.path.join(t5_dir, "model.safetensors")
   if not os.path.exists(weights):  # --t5 names a random T5 (no grounding)
-    toy.make_toy_text_assets(t5_dir, d_model=d_model, num_layers=num_layers,
+    text_assets.make_toy_text_assets(t5_dir, d_model=d_model, num_layers=num_layers,
                              num_heads=num_heads, grounding_steps=0)
   # Keyed by the weights too: two T5 directories of one name (e.g. runs' "t5") must not
   # share a cache.

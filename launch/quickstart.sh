@@ -9,7 +9,8 @@
 #   0. creates .venv if missing and installs the package (pip install -e ".[test]");
 #   1. text assets: a sentencepiece model of the shapes captions and a small T5, random
 #      and then grounded for a minute on the shapes training split, after which it stays
-#      fixed (python -m imagen_jax.text.toy; docs/quickstart.md), unless --t5 names a real T5;
+#      fixed (python -m imagen_jax.quickstart.text_assets; docs/quickstart.md), unless
+#      --t5 names a real T5;
 #   2. imagen-embed: T5 embeddings of every shapes caption (training and held-out splits);
 #   3. imagen-train: the 16x16 base model (experiments/quickstart_base.gin);
 #   4. imagen-train: the 16->64 super-resolution model, trained on 32x32 crops
@@ -121,7 +122,7 @@ else
   if [ "$grounding_steps" != 0 ] && [ "$done_steps" = "$grounding_steps" ]; then
     echo "reusing $t5"
   else
-    "$bin/python" -m imagen_jax.text.toy --out="$t5" --grounding_steps="$grounding_steps"
+    "$bin/python" -m imagen_jax.quickstart.text_assets --out="$t5" --grounding_steps="$grounding_steps"
   fi
   if [ "$grounding_steps" = 0 ]; then
     echo "NOTE: this T5 has fixed random weights (--grounding_steps=0): it does not tell the" \

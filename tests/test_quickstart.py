@@ -1,4 +1,4 @@
-"""The quickstart: its text assets (imagen_jax.text.toy), its prompts, and the whole
+"""The quickstart: its text assets (imagen_jax.quickstart.text_assets), its prompts, and the whole
 `launch/quickstart.sh --smoke` path (every phase, tiny models, a few steps)."""
 
 import json
@@ -11,7 +11,8 @@ import pytest
 
 from imagen_jax.data import shapes
 from imagen_jax.errors import UserError
-from imagen_jax.text import toy, vocab
+from imagen_jax.quickstart import text_assets
+from imagen_jax.text import vocab
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "gin_configs" / "experiments" / "quickstart_prompts.txt"
@@ -20,14 +21,14 @@ PROMPTS = ROOT / "gin_configs" / "experiments" / "quickstart_prompts.txt"
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
   """The random encoder (no grounding): the properties below are those of its init."""
-  return pathlib.Path(toy.make_toy_text_assets(tmp_path_factory.mktemp("toy") / "t5",
+  return pathlib.Path(text_assets.make_toy_text_assets(tmp_path_factory.mktemp("toy") / "t5",
                                                grounding_steps=0))
 
 
 def test_toy_assets_are_deterministic(toy_dir, tmp_path):
   # A few steps of grounding: enough to check that it runs, changes the weights and is
-  # deterministic (tests/test_text_grounding.py checks what it learns).
-  grounded = [pathlib.Path(toy.make_toy_text_assets(tmp_path / name, grounding_steps=8))
+  # deterministic (tests/test_quickstart_grounding.py checks what it learns).
+  grounded = [pathlib.Path(text_assets.make_toy_text_assets(tmp_path / name, grounding_steps=8))
               for name in ("a", "b")]
   for name in ("config.json", "model.safetensors", "spiece.model", "grounding.json"):
     assert (grounded[0] / name).read_bytes() == (grounded[1] / name).read_bytes(), name
@@ -37,10 +38,10 @@ def test_toy_assets_are_deterministic(toy_dir, tmp_path):
   assert not (toy_dir / "grounding.json").exists()
   assert (toy_dir / "model.safetensors").read_bytes() != (
       grounded[0] / "model.safetensors").read_bytes()
-  again = pathlib.Path(toy.make_toy_text_assets(tmp_path / "random", grounding_steps=0))
+  again = pathlib.Path(text_assets.make_toy_text_assets(tmp_path / "random", grounding_steps=0))
   assert (again / "model.safetensors").read_bytes() == (
       toy_dir / "model.safetensors").read_bytes()
-  other_seed = pathlib.Path(toy.make_toy_text_assets(tmp_path / "t5_seed1", seed=1,
+  other_seed = pathlib.Path(text_assets.make_toy_text_assets(tmp_path / "t5_seed1", seed=1,
                                                      grounding_steps=0))
   assert (other_seed / "model.safetensors").read_bytes() != (
       toy_dir / "model.safetensors").read_bytes()
@@ -54,7 +55,7 @@ def test_toy_tokenizer_keeps_grammar_words_whole(toy_dir):
   for word in words:
     assert len(sp.encode(word)) == 1, (word, sp.encode(word, out_type=str))
   captions = shapes.all_captions("train") + shapes.all_captions("held_out")
-  tokens = vocab.tokenize(v, captions, max_length=toy.DEFAULT_MAX_LENGTH)
+  tokens = vocab.tokenize(v, captions, max_length=text_assets.DEFAULT_MAX_LENGTH)
   assert not tokens.truncated
   assert (tokens.ids != 2).all()  # no <unk>, held-out captions included
   assert tokens.mask.sum(1).max() == 11  # 10 words + EOS
@@ -68,11 +69,11 @@ def test_toy_encoder_loads_and_separates_captions(toy_dir):
   from imagen_jax.text.encode import TextEncoder
   config = json.loads((toy_dir / "config.json").read_text())
   assert config["d_model"] == 64 and config["vocab_size"] == 96
-  enc = TextEncoder.load(toy_dir, max_length=toy.DEFAULT_MAX_LENGTH, batch_size=8)
+  enc = TextEncoder.load(toy_dir, max_length=text_assets.DEFAULT_MAX_LENGTH, batch_size=8)
   caps = ["a red circle above a blue square", "a blue circle above a red square",
           "a red circle below a blue square"]
   emb, mask = enc.encode(caps)
-  assert emb.shape == (3, toy.DEFAULT_MAX_LENGTH, 64) and mask.sum(1).tolist() == [8, 8, 8]
+  assert emb.shape == (3, text_assets.DEFAULT_MAX_LENGTH, 64) and mask.sum(1).tolist() == [8, 8, 8]
   assert np.isfinite(emb).all()
   # Swapped colours and a changed relation give different embeddings.
   assert np.abs(emb[0] - emb[1]).max() > 0.1 and np.abs(emb[0] - emb[2]).max() > 0.1
@@ -87,9 +88,9 @@ def test_toy_encoder_loads_and_separates_captions(toy_dir):
 
 def test_toy_bad_input(tmp_path):
   with pytest.raises(UserError, match="grounding_steps=-1"):
-    toy.make_toy_text_assets(tmp_path / "t5", grounding_steps=-1)
+    text_assets.make_toy_text_assets(tmp_path / "t5", grounding_steps=-1)
   with pytest.raises(UserError, match="num_heads"):
-    toy.toy_t5_config(d_model=30, num_heads=4)
+    text_assets.toy_t5_config(d_model=30, num_heads=4)
   with pytest.raises(UserError, match="no non-empty"):
     vocab.train_sentencepiece(["", "  "], tmp_path / "sp.model", 96, model_type="bpe")
 

@@ -3,7 +3,7 @@ T5 encoder, random and then grounded for a minute on the shapes training split
 (`grounding.pretrain`; no pretrained T5 can be downloaded here). Its weights are then
 fixed: the quickstart caches its embeddings like any T5's.
 
-    python -m imagen_jax.text.toy --out=runs/quickstart/t5
+    python -m imagen_jax.quickstart.text_assets --out=runs/quickstart/t5
     # -> runs/quickstart/t5/{config.json, model.safetensors, spiece.model}, a directory
     #    that TextEncoder.load / imagen-embed / imagen-sample read like a real T5 checkpoint
 
@@ -49,7 +49,10 @@ from collections.abc import Sequence
 
 from etils import epath
 
+from imagen_jax.data import shapes
 from imagen_jax.errors import UserError
+from imagen_jax.quickstart import grounding
+from imagen_jax.text import t5, vocab
 
 DEFAULT_VOCAB_SIZE = 96
 # A two-object caption is 10 pieces + EOS; 16 leaves room for prompts a little outside
@@ -63,14 +66,12 @@ DEFAULT_GROUNDING_STEPS = 1000
 def shapes_corpus() -> list[str]:
   """The training split's captions: the held-out split uses the same words, so the
   tokenizer needs nothing from it (and never sees a held-out combination)."""
-  from imagen_jax.data import shapes
   return shapes.all_captions("train")
 
 
 def toy_t5_config(*, d_model: int = 64, num_layers: int = 2, num_heads: int = 4,
                   d_ff: int | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE):
   """A T5 v1.1-style (gated-GELU) encoder config of the given size."""
-  from imagen_jax.text import t5
   if d_model % num_heads:
     raise UserError(f"d_model={d_model} must be a multiple of num_heads={num_heads}")
   return t5.T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // num_heads,
@@ -90,7 +91,6 @@ def make_toy_text_assets(out: str | os.PathLike, *, d_model: int = 64, num_layer
   `grounding.pretrain`, and `out/grounding.json` records how (settings, loss, order
   accuracy); with 0 the encoder keeps its random weights.
   """
-  from imagen_jax.text import grounding, t5, vocab
   if grounding_steps < 0:
     raise UserError(f"grounding_steps={grounding_steps} is negative; use 0 (keep the random "
                     f"weights) or more (the quickstart uses {DEFAULT_GROUNDING_STEPS})")
@@ -123,7 +123,7 @@ def make_toy_text_assets(out: str | os.PathLike, *, d_model: int = 64, num_layer
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
-      prog="python -m imagen_jax.text.toy",
+      prog="python -m imagen_jax.quickstart.text_assets",
       description="Writes the quickstart's sentencepiece model and random T5 encoder.")
   parser.add_argument("--out", required=True, help="output directory (HF T5 layout)")
   parser.add_argument("--d_model", type=int, default=64)
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "d_model ** -0.5)")
   parser.add_argument("--grounding_steps", type=int, default=DEFAULT_GROUNDING_STEPS,
                       help="steps of grounding pretraining on the shapes training split "
-                      "(imagen_jax.text.grounding); 0 keeps the random weights")
+                      "(imagen_jax.quickstart.grounding); 0 keeps the random weights")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   try:

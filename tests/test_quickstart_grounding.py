@@ -1,4 +1,4 @@
-"""Grounding pretraining (imagen_jax.text.grounding): a small T5 learns from captioned
+"""Grounding pretraining (imagen_jax.quickstart.grounding): a small T5 learns from captioned
 shapes which object a caption puts where, which a random T5 cannot tell the U-Net."""
 
 import numpy as np
@@ -6,19 +6,20 @@ import pytest
 
 from imagen_jax.data import shapes
 from imagen_jax.errors import UserError
-from imagen_jax.text import grounding, t5, toy, vocab
+from imagen_jax.quickstart import grounding, text_assets
+from imagen_jax.text import t5, vocab
 
 
 @pytest.fixture(scope="module")
 def vocabulary(tmp_path_factory):
   path = tmp_path_factory.mktemp("sp") / "spiece.model"
   return vocab.load_vocabulary(vocab.train_sentencepiece(
-      toy.shapes_corpus(), path, toy.DEFAULT_VOCAB_SIZE, model_type="bpe"))
+      text_assets.shapes_corpus(), path, text_assets.DEFAULT_VOCAB_SIZE, model_type="bpe"))
 
 
 def _encoder(vocabulary):
-  config = toy.toy_t5_config(vocab_size=vocabulary.tokenizer.get_piece_size())
-  return t5.random_encoder(config, seed=0, position_bias_std=toy.DEFAULT_POSITION_BIAS_STD)
+  config = text_assets.toy_t5_config(vocab_size=vocabulary.tokenizer.get_piece_size())
+  return t5.random_encoder(config, seed=0, position_bias_std=text_assets.DEFAULT_POSITION_BIAS_STD)
 
 
 def test_pretraining_learns_the_layout_order(vocabulary):

@@ -132,14 +132,15 @@ class FeatureExtractor:
     out = np.zeros((n, self.feature_dim), np.float32)
     bar = tqdm(total=n, desc=desc, unit="img",
                disable=not progress or not hosts.is_main_process())
+    first_shape = None
     for start in range(0, n, self.batch_size):
       stop = min(start + self.batch_size, n)
       batch = images_lib.stack(images[start:stop], desc)
-      if start > 0 and batch.shape[1:] != shape:
-        raise UserError(f"images of {desc} have different sizes ({shape[:2]} and "
+      first_shape = first_shape or batch.shape[1:]
+      if batch.shape[1:] != first_shape:
+        raise UserError(f"images of {desc} have different sizes ({first_shape[:2]} and "
                         f"{batch.shape[1:3]}); resize them to one size first")
-      shape = batch.shape[1:]
-      padded = np.zeros((self.batch_size, *shape), np.uint8)
+      padded = np.zeros((self.batch_size, *first_shape), np.uint8)
       padded[:stop - start] = batch
       features = self._apply(self._state, jax.device_put(padded, self._batch_sharding))
       out[start:stop] = np.asarray(features)[:stop - start]

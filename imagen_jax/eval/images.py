@@ -53,6 +53,17 @@ def _sample_rows(path: epath.Path, stage: int | None) -> list[dict]:
   return [r for r in rows if int(r["stage"]) == stage]
 
 
+def _image_files(folder: epath.Path) -> list[epath.Path]:
+  """Image files under `folder`, recursively (epath has no rglob for object stores)."""
+  found = []
+  for p in folder.iterdir():
+    if p.is_dir():
+      found.extend(_image_files(p))
+    elif p.suffix.lower() in output.IMAGE_SUFFIXES:
+      found.append(p)
+  return found
+
+
 def load_image_set(path: str | os.PathLike, stage: int | None = None
                    ) -> tuple[ImageFiles, list[str] | None]:
   """(images, prompts) of an `imagen-sample` output (prompts from index.jsonl) or of a
@@ -67,9 +78,7 @@ def load_image_set(path: str | os.PathLike, stage: int | None = None
   if stage is not None:
     raise UserError(f"--stage={stage} needs an imagen-sample output, but "
                     f"{os.fspath(path)} has no {output.INDEX_FILE}")
-  files = sorted((p for p in path.rglob("*")
-                  if p.suffix.lower() in output.IMAGE_SUFFIXES and p.is_file()),
-                 key=lambda p: os.fspath(p))
+  files = sorted(_image_files(path), key=os.fspath)
   if not files:
     raise UserError(f"{os.fspath(path)} holds no images ({', '.join(output.IMAGE_SUFFIXES)},"
                     " searched recursively)")

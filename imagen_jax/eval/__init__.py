@@ -1,1 +1,2 @@
-"""imagen_jax.eval: evaluations of samples (ShapesBench; see docs/shapes.md)."""
+"""imagen_jax.eval: evaluations of samples: ShapesBench (docs/shapes.md), FID
+(docs/eval.md)."""

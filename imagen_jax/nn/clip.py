@@ -528,6 +528,27 @@ def clip_to_hf(module: CLIP) -> dict[str, np.ndarray]:
   return tensors
 
 
+def random_clip(config: CLIPConfig, seed: int = 0, spread: float = 0.0) -> CLIP:
+  """A CLIP with random weights drawn by numpy, for tests: no XLA program to compile (on
+  CPU, compiling ~100 threefry draws takes tens of seconds). Kernels are N(0, 1/fan_in),
+  layer-norm scales 1, other vectors 0, `logit_scale` the config's; with `spread > 0` the
+  vectors and scalars get N(0, spread²) added, so a test of the weight layout sees every
+  tensor. Same seed, same weights."""
+  rng = np.random.default_rng(seed)
+  module = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
+  for path, variable in nnx.to_flat_state(nnx.state(module)):
+    shape = tuple(variable.shape)
+    if len(shape) >= 2:
+      value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+    else:
+      base = 1.0 if path[-1] == "scale" else 0.0
+      if path == ("logit_scale",):
+        base = config.logit_scale_init_value
+      value = base + spread * rng.normal(size=shape)
+    _variable(module, path).set_value(jnp.asarray(value, variable.dtype))
+  return module
+
+
 def save_clip(path: str | os.PathLike, module: CLIP) -> str:
   """Writes `config.json` and `model.safetensors` in the Hugging Face layout, which
   `load_clip` and transformers' `CLIPModel.from_pretrained` read. The tokenizer and

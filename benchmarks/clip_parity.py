@@ -16,8 +16,9 @@ installed into this project's .venv). Steps:
    (padding to 77, truncation), preprocess the images with `CLIPImageProcessorPil`, and
    compute `get_text_features` / `get_image_features` (also with the legacy
    `eos_token_id=2` argmax pooling) and the CLIP score of each prompt with image i mod n.
-3. Here: load the directory with ours and compare token ids (exact), pixels, embeddings
-   (max abs diff) and the CLIP score.
+3. Here: load the directory with ours and compare token ids (exact; also read from the
+   `tokenizer.json` that transformers' `save_pretrained` writes), pixels, embeddings (max
+   abs diff) and the CLIP score.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def torch_worker(out_dir: str, prompts: list[str]) -> None:
         p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
   model.save_pretrained(out_dir)
   tokenizer = CLIPTokenizer.from_pretrained(out_dir)
+  # transformers' own files (tokenizer.json, its special-token configs), read by ours too.
+  tokenizer.save_pretrained(os.path.join(out_dir, "saved_tokenizer"))
   tokens = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
                      return_tensors="pt")
   processor = CLIPImageProcessorPil.from_pretrained(out_dir)
@@ -116,6 +119,11 @@ def compare(out_dir: str, prompts: list[str]) -> dict:
   ref = np.load(os.path.join(out_dir, "torch.npz"))
   tokens = CLIPTokenizer.load(out_dir)(prompts)
   bad = [i for i in range(len(prompts)) if not np.array_equal(tokens.ids[i], ref["ids"][i])]
+  saved = os.path.join(out_dir, "saved_tokenizer")
+  for name in ("vocab.json", "merges.txt"):  # so that tokenizer.json is what ours reads
+    if os.path.exists(os.path.join(saved, name)):
+      os.remove(os.path.join(saved, name))
+  from_json = CLIPTokenizer.load(saved)(prompts).ids
   names = sorted(n for n in os.listdir(out_dir) if n.startswith("image_"))
   pixels = ClipImageProcessor.load(out_dir).batch(
       [read_image(os.path.join(out_dir, n)) for n in names])
@@ -132,6 +140,8 @@ def compare(out_dir: str, prompts: list[str]) -> dict:
   theirs_score = float(np.maximum(ref["pairs"], 0).mean())
   return {
       "prompts": len(prompts), "token_rows_differing": len(bad),
+      "token_rows_differing_from_tokenizer_json": int(
+          (from_json != ref["ids"]).any(axis=1).sum()),
       "first_differing": [prompts[i][:60] for i in bad[:3]],
       "pixels_max_abs_diff": float(np.abs(pixels - ref["pixels"].transpose(0, 2, 3, 1)).max()),
       "text_emb_max_abs_diff": float(np.abs(text - ref["text"]).max()),

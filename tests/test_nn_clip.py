@@ -80,6 +80,14 @@ def test_config_reads_legacy_dict_overrides_and_rejects_other_models():
     clip.CLIPConfig.from_hf_json({"text_config": {"hidden_act": "swish9"}})
 
 
+def test_every_parameter_has_logical_axis_names(model):
+  from imagen_jax.parallel import rules
+  for path, variable in nnx.to_flat_state(nnx.state(model)):
+    names = rules.variable_logical_axes(variable) or ()
+    assert len(names) == variable.get_value().ndim, path
+    rules.logical_to_mesh(names)  # every name has a rule
+
+
 def test_hf_round_trip_and_layout(clip_dir, model):
   from imagen_jax.weights import read_hf_weights
   loaded = clip.load_clip(clip_dir)

@@ -382,7 +382,8 @@ class CLIP(nnx.Module):
     self.visual_projection = _param(
         rngs, (config.vision.hidden_size, config.projection_dim),
         config.vision.hidden_size ** -0.5, ("embed", "embed"), param_dtype)
-    self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, param_dtype))
+    self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, param_dtype),
+                                 out_sharding=(), eager_sharding=False)  # a scalar
 
   def _project(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
     return jnp.einsum("bd,dp->bp", x.astype(self.dtype), kernel[...].astype(self.dtype),

@@ -2,10 +2,17 @@
 
   imagen-eval shapesbench --samples=out/
   imagen-eval fid --samples=out/ --reference=coco_256.npz --weights=pt_inception.pth
+  imagen-eval clip_score --samples=out/ --clip=ckpt/clip-vit-large-patch14 [--json]
+  imagen-eval drawbench --samples=A/ --versus=B/ --clip=ckpt/clip [--out=rate.html]
+  imagen-eval drawbench --ratings=drawbench_ratings.json
 
 `shapesbench` scores every image listed in DIR/index.jsonl (the layout `imagen-sample`
 writes) against its prompt with the ShapesBench checker, prints one table per stage and
 writes DIR/shapesbench.json. Prompts outside the shapes grammar are skipped and counted.
+
+`clip_score` and `drawbench` score images against their prompts with a Hugging Face CLIP
+directory; `drawbench` also writes a page for rating two models side by side and tallies
+the ratings downloaded from it. See docs/eval.md.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="a directory written by imagen-sample (with index.jsonl)")
   bench.add_argument("--no_progress", action="store_true", help="hide the progress bar")
   _add_fid_parser(commands)
+  _add_clip_score_parser(commands)
+  _add_drawbench_parser(commands)
   return parser
 
 
@@ -87,6 +96,104 @@ def _run_fid(args: argparse.Namespace) -> None:
                       "samples": args.samples, "reference": args.reference}))
 
 
+def _add_clip_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+  parser.add_argument("--clip", required=required, metavar="DIR",
+                      help="a Hugging Face CLIP directory (config.json, model.safetensors, "
+                      "vocab.json + merges.txt or tokenizer.json, preprocessor_config.json)")
+  parser.add_argument("--stage", type=int, default=None, metavar="K",
+                      help="the cascade stage to score (default: the last one)")
+  parser.add_argument("--batch_size", type=int, default=64,
+                      help="images per batch (rounded up to a multiple of the device count)")
+  parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+
+
+def _add_clip_score_parser(commands) -> None:
+  parser = commands.add_parser(
+      "clip_score", help="CLIP score of samples against their prompts",
+      description="100 * max(cos(image, prompt), 0) with a CLIP model, averaged over the "
+      "images of DIR/index.jsonl; writes DIR/clip_score.json.")
+  parser.add_argument("--samples", required=True, metavar="DIR",
+                      help="a directory written by imagen-sample (with index.jsonl)")
+  _add_clip_flags(parser, required=True)
+  parser.add_argument("--json", action="store_true",
+                      help="print the result as one JSON object on the last line")
+
+
+def _add_drawbench_parser(commands) -> None:
+  parser = commands.add_parser(
+      "drawbench", help="DrawBench: CLIP score per category, a side-by-side rating page, "
+      "and the tally of its ratings",
+      description="With --samples: the CLIP score per DrawBench category (and of --versus), "
+      "and with --versus a self-contained HTML page for rating A against B. With "
+      "--ratings: the tally of a ratings file downloaded from that page.")
+  parser.add_argument("--samples", metavar="A", help="imagen-sample output of model A")
+  parser.add_argument("--versus", metavar="B", help="imagen-sample output of model B")
+  parser.add_argument("--out", metavar="FILE.html",
+                      help="the rating page (default: A/drawbench_rating.html)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the left/right order on the page (recorded in it)")
+  parser.add_argument("--ratings", metavar="FILE",
+                      help="a ratings JSON file downloaded from the page: print its tally")
+  _add_clip_flags(parser, required=False)
+  parser.add_argument("--json", action="store_true",
+                      help="print the result as one JSON object on the last line")
+
+
+def _scorer(args):
+  from imagen_jax.errors import UserError
+  from imagen_jax.eval import clip_score
+  if args.batch_size < 1:
+    raise UserError(f"--batch_size={args.batch_size} must be at least 1")
+  return clip_score.ClipScorer(args.clip, batch_size=args.batch_size,
+                               progress=not args.no_progress)
+
+
+def _clip_score(args) -> None:
+  from imagen_jax.eval import clip_score, samples
+  from imagen_jax.sample.output import _write_atomic
+  from etils import epath
+  samples.stage_rows(args.samples, args.stage)  # a bad directory fails before CLIP loads
+  result = clip_score.score_samples(args.samples, _scorer(args), args.stage)
+  out = epath.Path(args.samples) / "clip_score.json"
+  _write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
+  print(f"CLIP score {result['clip_score']:.4f} over {result['num_images']} images "
+        f"(stage {result['stage']}); wrote {out}")
+  if args.json:
+    print(json.dumps({k: result[k] for k in ("clip_score", "num_images", "stage")}))
+
+
+def _drawbench(args) -> None:
+  from imagen_jax.errors import UserError
+  from imagen_jax.eval import drawbench, samples
+  if args.ratings:
+    ratings = drawbench.read_ratings(args.ratings)
+    result = drawbench.tally(ratings)
+    print(drawbench.format_tally(result, ratings.get("models", {})), end="")
+    if args.json:
+      print(json.dumps(result))
+    return
+  if not args.samples or not args.clip:
+    raise UserError("drawbench needs --samples=DIR and --clip=DIR (or --ratings=FILE to "
+                    "tally ratings)")
+  if args.out and not args.versus:
+    raise UserError("--out writes the A-versus-B rating page; it needs --versus=DIR")
+  dirs = [d for d in (args.samples, args.versus) if d]
+  for d in dirs:  # bad directories fail before CLIP loads
+    samples.stage_rows(d, args.stage)
+  scorer = _scorer(args)
+  results = [drawbench.score_dir(d, scorer, args.stage) for d in dirs]
+  print(drawbench.format_scores(dirs, [r["categories"] for r in results]), end="")
+  summary = {"clip_score": {d: r["categories"] for d, r in zip(dirs, results)}}
+  if args.versus:
+    out = args.out or os.path.join(args.samples, "drawbench_rating.html")
+    n = drawbench.write_comparison_page(out, args.samples, results[0]["first"],
+                                        args.versus, results[1]["first"], seed=args.seed)
+    print(f"wrote {out} ({n} prompts to rate; seed {args.seed})")
+    summary["rating_page"] = out
+  if args.json:
+    print(json.dumps(summary))
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
   args = gin_utils.parse_args(_parser(), argv)
   if args.command == "shapesbench":
@@ -96,6 +203,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {os.path.join(args.samples, 'shapesbench.json')}")
   elif args.command == "fid":
     _run_fid(args)
+  elif args.command == "clip_score":
+    _clip_score(args)
+  elif args.command == "drawbench":
+    _drawbench(args)
   return 0
 
 

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   gin_utils.add_gin_flags(parser)
   parser.add_argument("--prompts", default=None,
-                      help="text file, one prompt per line (blank lines are skipped)")
+                      help="text file, one prompt per line (blank lines are skipped), or "
+                      "'drawbench' for DrawBench's 200 prompts")
   parser.add_argument("--out_dir", required=True, help="output directory (local or gs://)")
   parser.add_argument("--num_samples", type=int, default=1, help="images per prompt")
   parser.add_argument("--seed", type=int, default=0, help="root seed")

@@ -34,6 +34,7 @@ setuptools.setup(
     description="Imagen-style cascaded text-to-image diffusion models in JAX/Flax NNX",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["imagen_jax", "imagen_jax.*"]),
+    package_data={"imagen_jax.eval": ["data/*.tsv"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-image>=0.22"]},
     entry_points={
@@ -43,6 +44,7 @@ setuptools.setup(
             "imagen-embed=imagen_jax.cli.embed:main",
             "imagen-plan=imagen_jax.cli.plan:main",
             "imagen-eval=imagen_jax.cli.eval:main",
+            "imagen-data=imagen_jax.cli.data:main",
         ]
     },
 )

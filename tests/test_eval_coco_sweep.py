@@ -81,3 +81,83 @@ def test_parse_weights():
   for bad in ("", "1,x", "-1", "2,2"):
     with pytest.raises(UserError, match="--guidance"):
       sweep.parse_weights(bad)
+
+
+# ---------------------------------------------------------------------------------------
+# The commands, with the small random Inception and CLIP of the FID and CLIP tests.
+
+from test_eval_clip import clip_dir, write_samples  # noqa: E402,F401  (shared fixtures)
+from test_eval_fid import _photos, weights_file  # noqa: E402,F401
+
+from imagen_jax.cli import eval as eval_cli  # noqa: E402
+from imagen_jax.cli import sample as sample_cli  # noqa: E402
+from imagen_jax.eval import fid  # noqa: E402
+from etils import epath  # noqa: E402
+
+
+def test_coco_prompts_command(tmp_path, capsys):
+  path = _annotations(tmp_path)
+  out = tmp_path / "p.txt"
+  assert eval_cli.main(["coco_prompts", f"--annotations={path}", f"--out={out}",
+                        "--num=12", "--seed=5"]) == 0
+  drawn = coco.draw_captions(coco.read_captions(path), 12, seed=5)
+  assert output.read_prompts(out) == [row.caption for row in drawn]
+  assert eval_cli.main(["coco_prompts", f"--annotations={path}", f"--out={out}",
+                        "--num=0"]) == 2
+  assert "--num=0" in capsys.readouterr().err
+
+
+def test_reference_statistics_are_cropped_resized_and_cached(tmp_path, weights_file, capsys):
+  folder = tmp_path / "val2014"
+  sizes = [(40, 56), (64, 48), (33, 33)]  # real photos come in several sizes
+  for i, photo in enumerate(_photos(3, 64, seed=1)):
+    h, w = sizes[i]
+    output.write_png(folder / f"COCO_val2014_{i:012d}.png", photo[:h, :w])
+  out = tmp_path / "ref.npz"
+  args = ["reference", f"--images={folder}", "--resolution=16",
+          f"--weights={weights_file[0]}", f"--out={out}", "--no_progress", "--batch_size=8"]
+  assert eval_cli.main(args) == 0
+  assert "wrote the statistics of 3 images at 16 px" in capsys.readouterr().out
+  mu, sigma = fid.load_statistics(out)  # pytorch-fid's keys, read by ours
+  images = coco.reference_images(folder, 16)
+  assert all(images[i].shape == (16, 16, 3) for i in range(3))
+  out.write_bytes(out.read_bytes())  # unchanged file: reused, not recomputed
+  assert eval_cli.main(args) == 0
+  assert "reused" in capsys.readouterr().out
+  assert eval_cli.main(args[:2] + ["--resolution=32"] + args[3:]) == 2
+  assert "not 3 at 32 px" in capsys.readouterr().err
+  assert mu.shape[0] == sigma.shape[0] > 0
+
+
+def test_sweep_command_samples_and_scores_each_weight(tmp_path, weights_file, clip_dir,
+                                                     monkeypatch, capsys):
+  prompts = ["a red square", "a blue circle", "a green triangle"]
+  (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+  real = tmp_path / "real"
+  for i, photo in enumerate(_photos(4, 16, seed=2)):
+    output.write_png(real / f"{i}.png", photo)
+  ref = tmp_path / "ref.npz"
+  assert eval_cli.main(["reference", f"--images={real}", "--resolution=16",
+                        f"--weights={weights_file[0]}", f"--out={ref}", "--no_progress", "--batch_size=8"]) == 0
+  calls = []
+
+  def fake_sample(argv):  # imagen-sample has its own tests; here: what the sweep asks of it
+    calls.append(argv)
+    directory = next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
+    write_samples(epath.Path(directory), prompts, seed=len(calls))
+
+  monkeypatch.setattr(sample_cli, "_main", fake_sample)
+  out = tmp_path / "sweep"
+  argv = ["sweep", "--gin.base/Stage.num_steps=3", f"--prompts={tmp_path / 'p.txt'}",
+          "--guidance=1,4", f"--reference={ref}", f"--weights={weights_file[0]}",
+          f"--clip={clip_dir}", f"--out_dir={out}", "--no_progress", "--batch_size=8"]
+  assert eval_cli.main(argv) == 0
+  assert [a for a in calls[1] if "guidance" in a] == ["--gin_bindings=base/Stage.guidance_scale = 4.0"]
+  assert "--gin_bindings=base/Stage.num_steps = 3" in calls[0]
+  points = json.loads((out / "sweep.json").read_text())
+  assert [p["guidance"] for p in points] == [1.0, 4.0]
+  assert all(p["fid"] > 0 and 0 <= p["clip_score"] <= 100 for p in points)
+  assert points[0]["fid"] != points[1]["fid"]  # other images, other figure
+  assert (out / "fid_vs_clip.png").exists()
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["points"] == points
+  assert eval_cli.main(argv) == 0 and len(calls) == 2  # resumed: nothing sampled again

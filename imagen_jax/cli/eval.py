@@ -5,6 +5,7 @@
   imagen-eval clip_score --samples=out/ --clip=ckpt/clip-vit-large-patch14 [--json]
   imagen-eval drawbench --samples=A/ --versus=B/ --clip=ckpt/clip [--out=rate.html]
   imagen-eval drawbench --ratings=drawbench_ratings.json
+  imagen-eval coco_prompts | reference | sweep ...   (the zero-shot COCO protocol)
 
 `shapesbench` scores every image listed in DIR/index.jsonl (the layout `imagen-sample`
 writes) against its prompt with the ShapesBench checker, prints one table per stage and
@@ -22,7 +23,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from imagen_jax.cli import gin_utils
+from imagen_jax.cli import eval_coco, gin_utils
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_fid_parser(commands)
   _add_clip_score_parser(commands)
   _add_drawbench_parser(commands)
+  eval_coco.add_parsers(commands)
   return parser
 
 
@@ -207,6 +209,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     _clip_score(args)
   elif args.command == "drawbench":
     _drawbench(args)
+  else:
+    eval_coco.run(args)
   return 0
 
 

@@ -14,13 +14,18 @@ The annotation file is COCO's `captions_val2014.json` (or 2017), given by path:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from etils import epath
 
 from imagen_jax import weights
+from imagen_jax.data import preprocess
+from imagen_jax.eval import images as images_lib
+from imagen_jax.sample import output
 from imagen_jax.errors import UserError
 
 
@@ -64,3 +69,66 @@ def write_prompts(path: str | os.PathLike, drawn: list[Caption]) -> None:
   path.write_text("".join(row.caption + "\n" for row in drawn))
   meta = [dataclasses.asdict(row) for row in drawn]
   epath.Path(os.fspath(path) + ".json").write_text(json.dumps(meta, indent=0) + "\n")
+
+
+class CroppedImages(Sequence):
+  """Image files read as the training data is prepared: the central square, resized to
+  `resolution` (`data.preprocess.resize_center_crop`), so real and sampled images are
+  compared at the same resolution."""
+
+  def __init__(self, files: Sequence[epath.Path], resolution: int):
+    self.files, self.resolution = list(files), resolution
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return CroppedImages(self.files[i], self.resolution)
+    from PIL import Image
+    try:
+      with self.files[i].open("rb") as f:
+        return preprocess.resize_center_crop(Image.open(f), self.resolution)
+    except OSError as e:
+      raise UserError(f"cannot read image {os.fspath(self.files[i])}: {e}") from e
+
+
+def reference_images(images_dir: str | os.PathLike, resolution: int,
+                     annotations: str | os.PathLike | None = None) -> CroppedImages:
+  """The real images of a folder (with `annotations`: only the files it names, such as
+  COCO's validation images), centre-cropped and resized to `resolution`."""
+  if resolution < 8:
+    raise UserError(f"--resolution={resolution}: give the sampled images' side, e.g. 64")
+  images, _ = images_lib.load_image_set(images_dir)
+  files = images.files
+  if annotations is not None:
+    wanted = {row.file_name for row in read_captions(annotations)}
+    files = [f for f in files if f.name in wanted]
+    if len(files) < len(wanted):
+      raise UserError(f"{os.fspath(images_dir)} holds {len(files)} of the {len(wanted)} "
+                      f"images that {os.fspath(annotations)} names; point --images at "
+                      "the matching COCO image folder (e.g. val2014/)")
+  return CroppedImages(files, resolution)
+
+
+def cached_statistics(out: str | os.PathLike, images: CroppedImages,
+                      compute: Callable[[CroppedImages], tuple[np.ndarray, np.ndarray]]
+                      ) -> tuple[tuple[np.ndarray, np.ndarray], bool]:
+  """((mu, sigma), was_cached): the statistics in `out` when it holds those of the same
+  resolution and image count, else `compute(images)` saved to `out` (pytorch-fid's
+  `mu`, `sigma`, plus `resolution` and `count`, which pytorch-fid ignores)."""
+  out = epath.Path(out)
+  if out.exists():
+    with out.open("rb") as f:
+      saved = dict(np.load(f))
+    found = (int(saved.get("resolution", -1)), int(saved.get("count", -1)))
+    if found != (images.resolution, len(images)):
+      raise UserError(f"{os.fspath(out)} holds statistics of {found[1]} images at "
+                      f"{found[0]} px, not {len(images)} at {images.resolution} px; "
+                      "delete it or pass another --out")
+    return (saved["mu"], saved["sigma"]), True
+  mu, sigma = compute(images)
+  buf = io.BytesIO()
+  np.savez(buf, mu=mu, sigma=sigma, resolution=images.resolution, count=len(images))
+  output._write_atomic(out, buf.getvalue())  # pylint: disable=protected-access
+  return (mu, sigma), False

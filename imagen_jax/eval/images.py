@@ -21,6 +21,7 @@ import numpy as np
 from etils import epath
 
 from imagen_jax.errors import UserError
+from imagen_jax.eval import samples
 from imagen_jax.sample import output
 
 
@@ -40,17 +41,6 @@ class ImageFiles(Sequence):
       return output.read_image(self.files[i])
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError
       raise UserError(f"cannot read image {os.fspath(self.files[i])}: {e}") from e
-
-
-def _sample_rows(path: epath.Path, stage: int | None) -> list[dict]:
-  rows = output.read_index(path)
-  if not rows:
-    raise UserError(f"{os.fspath(path / output.INDEX_FILE)} lists no images")
-  stages = sorted({int(r["stage"]) for r in rows})
-  stage = stages[-1] if stage is None else stage
-  if stage not in stages:
-    raise UserError(f"--stage={stage}: {os.fspath(path)} has stages {stages}")
-  return [r for r in rows if int(r["stage"]) == stage]
 
 
 def _image_files(folder: epath.Path) -> list[epath.Path]:
@@ -73,7 +63,7 @@ def load_image_set(path: str | os.PathLike, stage: int | None = None
     raise UserError(f"{os.fspath(path)} is not a directory; give a folder of images or "
                     "an imagen-sample output directory")
   if (path / output.INDEX_FILE).exists():
-    rows = _sample_rows(path, stage)
+    _, rows = samples.stage_rows(path, stage)
     return ImageFiles([path / r["file"] for r in rows]), [r["prompt"] for r in rows]
   if stage is not None:
     raise UserError(f"--stage={stage} needs an imagen-sample output, but "

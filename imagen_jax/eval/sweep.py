@@ -22,6 +22,7 @@ from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 from imagen_jax.errors import UserError
+from imagen_jax.sample import output
 
 METRICS_FILE = "metrics.json"
 
@@ -63,9 +64,7 @@ def run_sweep(guidances: Sequence[float], sample: Callable[[float, epath.Path], 
     sample(w, directory)
     fid, clip = evaluate(directory)
     point = SweepPoint(float(w), float(fid), float(clip), os.fspath(directory))
-    tmp = directory / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(dataclasses.asdict(point)) + "\n")
-    tmp.replace(saved)
+    output._write_atomic(saved, (json.dumps(dataclasses.asdict(point)) + "\n").encode())  # pylint: disable=protected-access
     points.append(point)
   return points
 

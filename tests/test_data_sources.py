@@ -170,3 +170,27 @@ def test_shapes_source_renders_at_the_requested_resolution():
   held_out = sources.get_source("shapes:held_out")
   assert set(held_out.captions()) == set(shapes.all_captions("held_out"))
   assert shapes.is_held_out(held_out[3]["caption"])
+
+
+def test_tf_example_codec_matches_tensorflow():
+  """Our wire-format codec against TensorFlow's own tf.train.Example, both directions."""
+  from tensorflow.core.example import example_pb2
+  from imagen_jax.data import tf_example
+  image, caption = bytes(range(256)) * 3, "ünïcode caption"
+  ours = sources.serialize_example(image, caption)
+  parsed = example_pb2.Example.FromString(ours)
+  assert parsed.features.feature["image"].bytes_list.value == [image]
+  assert parsed.features.feature["caption"].bytes_list.value == [caption.encode()]
+  theirs = example_pb2.Example()
+  theirs.features.feature["caption"].bytes_list.value.extend([b"first", b"second"])
+  theirs.features.feature["image"].bytes_list.value.append(image)
+  theirs.features.feature["label"].int64_list.value.extend([3, -1, 2**40])  # skipped
+  theirs.features.feature["score"].float_list.value.append(0.5)
+  record = theirs.SerializeToString()
+  assert sources.parse_example(record, "t") == (image, "first")
+  decoded = tf_example.decode(record)
+  assert decoded["caption"] == [b"first", b"second"] and decoded["label"] == []
+  assert tf_example.decode(b"") == {}
+  for broken in (record[:-3], b"\x0a\xff\xff\xff\xff\x0f", b"\x0b"):
+    with pytest.raises(UserError, match="not a tf.train.Example"):
+      sources.parse_example(broken, "shard 0")

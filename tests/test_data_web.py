@@ -219,6 +219,17 @@ def test_webdataset_index_goes_to_the_cache_when_the_folder_is_read_only(
   assert len(webdataset.WebDatasetSource(os.fspath(copy / "00000.tar"))) == len(src)
 
 
+def test_stale_tar_index_is_rebuilt(shards, tmp_path):
+  path = tmp_path / "00000.tar"
+  path.write_bytes(shards.paths[1].read_bytes())
+  before = len(webdataset.WebDatasetSource(os.fspath(path)))
+  with tarfile.open(path, "a") as tar:  # the shard grows: its index no longer matches
+    _add(tar, "extra.jpg", shards.good["00000"][0])
+    _add(tar, "extra.txt", b"one more photo")
+  src = webdataset.WebDatasetSource(os.fspath(path))
+  assert len(src) == before + 1 and src.key(len(src) - 1) == "extra"
+
+
 def test_parquet_source(parquet_file, shards):
   path, keys = parquet_file
   src = sources.get_source(f"parquet:{path.parent}/*.parquet")

@@ -56,6 +56,7 @@ from etils import epath
 from PIL import Image
 
 from imagen_jax.data import preprocess
+from imagen_jax.data import tf_example
 from imagen_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -341,32 +342,19 @@ class TfdsSource(BaseSource):
 # Sharded records
 
 
-def _example_proto():
-  from tensorflow.core.example import example_pb2  # tf.train.Example; imported on use
-  return example_pb2
-
-
 def serialize_example(image, caption: str) -> bytes:
   """A tf.train.Example with bytes features `image` (PNG/JPEG) and `caption` (UTF-8)."""
-  example_pb2 = _example_proto()
   data = image if isinstance(image, bytes) else encode_png(np.asarray(image))
-  example = example_pb2.Example()
-  example.features.feature["image"].bytes_list.value.append(data)
-  example.features.feature["caption"].bytes_list.value.append(caption.encode("utf-8"))
-  return example.SerializeToString()
+  return tf_example.encode({"image": data, "caption": caption.encode("utf-8")})
 
 
 def parse_example(record: bytes, where: str) -> tuple[bytes, str]:
-  example_pb2 = _example_proto()
-  example = example_pb2.Example()
   try:
-    example.ParseFromString(record)
-    feature = example.features.feature
-    return (feature["image"].bytes_list.value[0],
-            feature["caption"].bytes_list.value[0].decode("utf-8"))
-  except Exception as e:  # protobuf DecodeError, IndexError for missing features
+    features = tf_example.decode(record)
+    return features["image"][0], features["caption"][0].decode("utf-8")
+  except (tf_example.DecodeError, KeyError, IndexError, UnicodeDecodeError) as e:
     raise UserError(f"record in {where} is not a tf.train.Example with bytes features "
-                    f"'image' and 'caption': {e}") from e
+                    f"'image' and 'caption': {e!r}") from e
 
 
 def _record_format(path: str) -> str:

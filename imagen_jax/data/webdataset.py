@@ -32,7 +32,8 @@ from imagen_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = "imagen_jax.tar_index/1"
+INDEX_FORMAT = "imagen_jax.tar_index/2"
+_TAIL_BYTES = 16384  # tar pads to 10240-byte records: an append can keep the file size
 INDEX_SUFFIX = ".idx.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "caption")  # first found wins
@@ -56,6 +57,15 @@ def _split_name(name: str) -> tuple[str, str]:
   return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def fingerprint(shard: epath.Path) -> dict[str, Any]:
+  """What identifies a shard's content cheaply: size, mtime, sha256 of its last bytes."""
+  stat = shard.stat()
+  with shard.open("rb") as f:
+    f.seek(max(0, stat.length - _TAIL_BYTES))
+    tail = hashlib.sha256(f.read()).hexdigest()
+  return {"size": stat.length, "mtime": stat.mtime, "tail_sha256": tail}
+
+
 def build_index(shard: epath.Path) -> dict[str, Any]:
   """Walks the tar headers of `shard`: image offset/size and caption of every full sample."""
   samples: dict[str, dict] = {}
@@ -73,7 +83,7 @@ def build_index(shard: epath.Path) -> dict[str, Any]:
   except (tarfile.TarError, OSError, EOFError) as e:
     raise UserError(f"cannot read tar shard {os.fspath(shard)}: {e}; re-download it or "
                     "leave it out of the pattern") from e
-  index = {"format": INDEX_FORMAT, "tar_size": shard.stat().length, "keys": [],
+  index = {"format": INDEX_FORMAT, "shard": fingerprint(shard), "keys": [],
            "image_offsets": [], "image_sizes": [], "captions": [],
            "skipped": {"no_image": 0, "no_caption": 0}}
   for key, sample in samples.items():  # tar order
@@ -97,12 +107,12 @@ def _write_json_atomic(path: epath.Path, value: dict) -> None:
   tmp.rename(path)
 
 
-def _read_index(path: epath.Path, tar_size: int) -> dict | None:
+def _read_index(path: epath.Path, shard: dict) -> dict | None:
   try:
     index = json.loads(path.read_text())
   except (OSError, ValueError):
     return None
-  if index.get("format") != INDEX_FORMAT or index.get("tar_size") != tar_size:
+  if index.get("format") != INDEX_FORMAT or index.get("shard") != shard:
     return None  # another format, or the shard changed since: rebuild
   return index
 
@@ -111,10 +121,10 @@ def load_index(shard: epath.Path) -> dict[str, Any]:
   """The shard's index: read from the sidecar or the cache, else built and saved."""
   if not shard.exists():
     raise UserError(f"tar shard {os.fspath(shard)} does not exist")
-  tar_size = shard.stat().length
+  current = fingerprint(shard)
   candidates = index_paths(shard)
   for path in candidates:
-    index = _read_index(path, tar_size)
+    index = _read_index(path, current)
     if index is not None:
       return index
   index = build_index(shard)

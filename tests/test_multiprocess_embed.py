@@ -69,6 +69,9 @@ def test_two_process_cache_equals_one_process_and_resumes(tmp_path):
   assert sum(shares) == len(CAPTIONS) and min(shares) > 0  # both processes embedded
   assert all(p["devices"] == 2 and p["captions_per_s_per_device"] > 0
              for p in summary["per_process"])
+  # The run lasts as long as its slowest process, from its start to the merged cache.
+  assert summary["seconds"] == max(p["wall_seconds"] for p in summary["per_process"])
+  assert all(p["wall_seconds"] >= p["seconds"] for p in summary["per_process"])
   manifest = cache_lib.read_manifest(two)
   assert not list(two.glob(cache_lib.PART_PREFIX + "*"))  # merged into manifest.json
   files = {s["file"] for s in manifest["shards"]}

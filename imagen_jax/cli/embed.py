@@ -83,11 +83,13 @@ def _encoder_on_local_devices():
   return encode.text_encoder(devices=jax.local_devices())
 
 
-def _summary(stats: dict, seconds: float, process_count: int) -> dict:
-  """Totals over the processes' stats (from each process, in process order)."""
+def _summary(stats: dict, process_count: int) -> dict:
+  """Totals over the processes' stats (from each process, in process order). The run
+  takes as long as its slowest process, start to merged cache (`wall_seconds`)."""
   per_process = _gather_stats(stats)
   new = sum(p["new"] for p in per_process)
   devices = sum(p["devices"] for p in per_process)
+  seconds = max(p["wall_seconds"] for p in per_process)
   rate = new / seconds if seconds > 0 else 0.0
   return {"processes": process_count, "devices": devices, "captions": stats["captions"],
           "unique": sum(p["unique"] for p in per_process),
@@ -100,13 +102,13 @@ def _summary(stats: dict, seconds: float, process_count: int) -> dict:
 
 
 def _gather_stats(stats: dict) -> list[dict]:
-  fields = ("unique", "existing", "new", "shards", "truncated", "seconds")
+  fields = ("unique", "existing", "new", "shards", "truncated", "seconds", "wall_seconds")
   mine = np.asarray([*(float(stats[f]) for f in fields), jax.local_device_count()])
   rows = mine[None] if jax.process_count() == 1 else np.asarray(
       multihost_utils.process_allgather(mine))
   out = []
   for row in rows:
-    entry = {f: (round(float(v), 3) if f == "seconds" else int(v))
+    entry = {f: (round(float(v), 3) if f.endswith("seconds") else int(v))
              for f, v in zip(fields, row)}
     entry["devices"] = int(row[-1])
     rate = entry["new"] / entry["seconds"] if entry["seconds"] > 0 else 0.0
@@ -155,7 +157,8 @@ def run_embed(dataset: str | None = None, cache_dir: str | None = None,
       cache_path, captions, encoder, shard_size=shard_size, progress=progress,
       process_index=jax.process_index(), process_count=jax.process_count(),
       barrier=lambda name: hosts.sync_global_devices(name, _FINISH_BARRIER_TIMEOUT_S))
-  summary = _summary(stats, time.perf_counter() - start, jax.process_count())
+  stats["wall_seconds"] = time.perf_counter() - start
+  summary = _summary(stats, jax.process_count())
   if stats["truncated"]:
     logging.warning("%d caption(s) were longer than %d tokens and were truncated",
                     stats["truncated"], encoder.max_length)

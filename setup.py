@@ -36,7 +36,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["imagen_jax", "imagen_jax.*"]),
     package_data={"imagen_jax.eval": ["data/*.tsv"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-image>=0.22"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-image>=0.22", "pyyaml>=6"]},
     entry_points={
         "console_scripts": [
             "imagen-train=imagen_jax.cli.train:main",

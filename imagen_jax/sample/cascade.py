@@ -8,7 +8,7 @@ sampler settings; `load_cascade` loads them into a `Cascade`, which a notebook c
   images = cascade(["a red circle"], num_samples=4, seed=0)   # list: one array per stage
   images[-1].shape                                            # [1, 4, H, W, 3] uint8
 
-How it runs (issue 6):
+How it runs:
 - Every image has its own integer seed, `image_seed(seed, prompt_index, sample)`: the
   prompt index and sample index folded into the root seed. Stage k draws everything for
   that image (initial noise, the augmentation noise of its low-resolution input, the
@@ -76,7 +76,7 @@ class Stage:
   - thresholding: dynamic, percentile 99.5 (section 2.3 and appendix; Saharia et al. found
     it best with large guidance weights). Configs for the shapes data override it with
     `static`: there, white backgrounds sit at the clipping edge, and dynamic thresholding's
-    rescaling greys them out (measured: static thresholding was better by a wide margin);
+    rescaling greys them out (docs/sample.md);
   - guidance_scale: Imagen sweeps guidance weights 1-10 for the base model (figure 4) and
     uses large weights with dynamic thresholding; 5.0 is a middle value of that sweep
     (1.0 = no guidance, 0.0 = unconditional);
@@ -245,7 +245,7 @@ def work_items(num_prompts: int, num_samples: int, seed: int) -> list[WorkItem]:
 
 def process_share(items: Sequence[WorkItem], process_index: int,
                   process_count: int) -> list[WorkItem]:
-  """This process's items when several processes share the work (issue 7): every
+  """This process's items when several processes share the work: every
   process_count-th item, so each process gets a near-equal share of every prompt range."""
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index={process_index} must be in [0, {process_count})")
@@ -473,7 +473,7 @@ class DirectorySink:
     return self._path(stage, item).name in self._listed[stage]
 
   def read(self, stage, item):
-    return output.read_png(self._path(stage, item))
+    return output.read_image(self._path(stage, item))
 
   def write(self, stage, item, image):
     output.write_png(self._path(stage, item), image)
@@ -776,7 +776,7 @@ def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samp
   """Samples into out_dir: stage{k}/ PNGs, index.jsonl and grid.png (see output.py).
 
   Images already in out_dir are skipped (and their index rows completed), so a rerun of a
-  killed job resumes. With several processes (issue 7) each one samples its share of the
+  killed job resumes. With several processes each one samples its share of the
   images (`process_share`), then after `barrier` process 0 merges the index and writes the
   grid; out_dir must then be a path every process sees (e.g. gs://).
   """
@@ -800,6 +800,6 @@ def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samp
     images = [sink.read(last - 1, it) for it in shown]
     captions = [prompts[it.prompt_index] + (f" #{it.sample}" if num_samples > 1 else "")
                 for it in shown]
-    output.write_grid(epath.Path(out_dir) / output.GRID_FILE,
-                      output.make_grid(images, captions))
+    output.write_png(epath.Path(out_dir) / output.GRID_FILE,
+                     output.make_grid(images, captions))
   return summary

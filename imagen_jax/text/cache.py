@@ -49,6 +49,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from imagen_jax import files
 from imagen_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -108,12 +109,6 @@ def _sha256_file(path: epath.Path) -> str:
     while chunk := f.read(1 << 22):
       digest.update(chunk)
   return digest.hexdigest()
-
-
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
 
 
 def new_manifest(identity: Mapping[str, Any]) -> dict:
@@ -368,12 +363,10 @@ def _write_shard(root: epath.Path, index: int, items: Sequence[tuple[str, str]],
   finally:
     writer.close()
   keys = b"".join(bytes.fromhex(key) for key, _ in items)
-  keys_tmp = root / (keys_name + ".tmp")
-  keys_tmp.write_bytes(keys)
+  files.write_atomic(root / keys_name, keys)
   entry = {"file": shard_name, "keys_file": keys_name, "count": len(items),
            "bytes": tmp.stat().length, "sha256": _sha256_file(tmp),
            "keys_sha256": hashlib.sha256(keys).hexdigest(), "truncated": truncated}
-  keys_tmp.replace(root / keys_name)
   tmp.replace(root / shard_name)
   return entry
 
@@ -418,7 +411,7 @@ def build_cache(path: str | os.PathLike, captions: Iterable[str], encoder, *,
     raise UserError("no captions to embed: the caption list is empty")
   if manifest is None:  # a new cache: its manifest fixes the encoder before any shard
     manifest = new_manifest(identity)
-    _write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+    files.write_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
   items = list(todo.items())
   stats = {"captions": given, "unique": len(seen), "existing": len(seen) - len(items),
            "new": len(items), "shards": 0, "truncated": 0, "seconds": 0.0}
@@ -434,7 +427,7 @@ def build_cache(path: str | os.PathLike, captions: Iterable[str], encoder, *,
                            bar.update if bar else (lambda n: None))
       manifest["shards"].append(entry)
       manifest["num_captions"] += entry["count"]
-      _write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+      files.write_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
       stats["shards"] += 1
       stats["truncated"] += entry["truncated"]
       index += 1

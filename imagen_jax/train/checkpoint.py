@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from imagen_jax import files, nn
 from imagen_jax.errors import UserError
 from imagen_jax.train import state as state_lib
 
@@ -60,7 +61,7 @@ def model_info(model: nnx.Module, params, *, loss_cfg, encoder: dict | None) -> 
       "aug_schedule": loss_cfg.aug_schedule,
       "lowres_resize": loss_cfg.lowres_resize,
       "encoder": encoder,
-      "num_params": state_lib.count_params(params),
+      "num_params": nn.param_count(params),
       "param_shapes_sha256": param_shapes_digest(params),
   }
 
@@ -79,10 +80,7 @@ def check_or_write_model_json(model_dir, info: dict, *, write: bool = True) -> N
   path = epath.Path(model_dir) / "model.json"
   if old is None:
     if write:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.parent / "model.json.tmp"
-      tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-      tmp.replace(path)
+      files.write_atomic(path, json.dumps(info, indent=2, sort_keys=True))
     return
   diffs = [f"{k}: {old.get(k)!r} in the directory, {info.get(k)!r} now"
            for k in IDENTITY_KEYS if old.get(k) != info.get(k)]

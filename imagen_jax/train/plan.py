@@ -138,7 +138,7 @@ def plan_training(mesh, *, batch_size: int | None = None, compile_step: bool = T
 
   param_bytes = bytes_per_device(state_shapes.params, state_shard.params)
   result = {
-      "params": state_lib.count_params(params),
+      "params": nn.param_count(params),
       "mesh": dict(mesh.shape),
       "devices": int(mesh.devices.size),
       "global_batch": int(batch_size),

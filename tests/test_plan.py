@@ -103,3 +103,18 @@ def test_cli_json_in_its_own_process_simulates_the_mesh_devices():
   assert isinstance(plan["bytes_per_device"], int)
   assert plan["train_flops_per_example"] > 0
   assert plan["devices"] == 4 and plan["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+
+
+def test_plans_the_experiments_optimizer(tiny_plans, capsys):
+  """imagen-plan reads an experiment file as it is (its run macros, MODEL_DIR and the
+  others, unset) and builds the optimizer the run configures, so the state bytes are the
+  run's: Adafactor keeps one second moment (factored for large matrices), Adam two."""
+  adam = tiny_plans["data:1"]
+  assert plan_cli.main(["--gin_file=experiments/tiny_base.gin", "--mesh=data:1", "--batch=8",
+                        "--gin.make_optimizer.name='adafactor'", "--no_compile",
+                        "--json"]) == 0
+  plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert (adam["optimizer"], plan["optimizer"]) == ("adam", "adafactor")
+  assert plan["params"] == adam["params"]
+  assert adam["opt_state_bytes_per_device"] >= 2 * adam["param_bytes_per_device"]
+  assert plan["opt_state_bytes_per_device"] <= 0.6 * adam["opt_state_bytes_per_device"]

@@ -113,7 +113,8 @@ def plan_training(mesh, *, batch_size: int | None = None, compile_step: bool = T
   graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
   param_shardings = state_lib.param_shardings_from_nnx(params_state, mesh, state_shardings)
   params = nnx.to_pure_dict(params_state)
-  tx, lr_fn = optim.make_optimizer()
+  optimizer = optim.optimizer_name()
+  tx, lr_fn = optim.make_optimizer(optimizer)
   state_shapes = jax.eval_shape(lambda p: state_lib.init_train_state(p, tx, 0), params)
   state_shard = state_lib.train_state_shardings(state_shapes, param_shardings, mesh)
   batch = _abstract_batch(abstract, batch_size, text_length, crop_size)
@@ -146,7 +147,7 @@ def plan_training(mesh, *, batch_size: int | None = None, compile_step: bool = T
       "image_size": int(crop_size or abstract.image_size),
       "lowres_size": abstract.lowres_size,
       "text_shape": [int(text_length), int(abstract.text_dim)],
-      "optimizer": _binding("make_optimizer.name", "adam"),
+      "optimizer": optimizer,
       "remat": bool(remat),
       "train_flops_per_example": step_flops / batch_size,
       "model_flops_per_example": model_flops / batch_size,

@@ -49,13 +49,13 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from imagen_jax import diffusion  # noqa: E402
+from imagen_jax import diffusion, nn  # noqa: E402
 from imagen_jax.data import shapes  # noqa: E402
 from imagen_jax.data.pipeline import Pipeline  # noqa: E402
 from imagen_jax.eval import shapesbench  # noqa: E402
 from imagen_jax.nn.unet import UNet  # noqa: E402
-from imagen_jax.text import cache as cache_lib  # noqa: E402
 from imagen_jax.quickstart import text_assets  # noqa: E402
+from imagen_jax.text import cache as cache_lib  # noqa: E402
 from imagen_jax.train import optim  # noqa: E402
 from imagen_jax.train import step as step_lib  # noqa: E402
 
@@ -269,7 +269,7 @@ def main(argv=None):
                text_positions=args.text_positions, text_layers=args.text_layers,
                coord_channels=args.coord_channels, rngs=nnx.Rngs(args.seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_params = nn.param_count(params)
   sched = lambda s: optim.lr_schedule(s, peak_lr=args.lr, warmup_steps=args.warmup,
                                       decay_steps=args.decay_steps or None)
   tx, _ = optim.make_optimizer("adam", learning_rate=sched, clip_norm=1.0)

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                                  int(model.text_dim))
     out = loop.train(pipeline=pipeline)
   timed = out["history"][-1]
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(out["state"].params))
+  num_params = imagen_jax.nn.param_count(out["state"].params)
   print(f"config: {' '.join(args.gin_file)} {' '.join(args.gin_bindings)}")
   print(f"devices: {out['num_devices']} x {jax.devices()[0].device_kind}; "
         f"params: {num_params / 1e6:.2f}M; global batch: {batch_size}")

@@ -45,3 +45,46 @@ def _clear_gin():
   gin.clear_config()
   yield
   gin.clear_config()
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures that several test files share (built once per session).
+
+
+@pytest.fixture(scope="session")
+def seqio_spm() -> pathlib.Path:
+  """seqio's test sentencepiece model: T5's ids (pad 0, EOS 1, unk 2), 26 pieces."""
+  import seqio
+  return (pathlib.Path(seqio.__file__).parent / "test_data" / "sentencepiece" /
+          "sentencepiece.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_config():
+  """A T5 v1.1-style encoder small enough to compile in a second."""
+  from imagen_jax.text import t5
+  return t5.T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                     feed_forward_proj="gated-gelu")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory, tiny_t5_config, seqio_spm) -> pathlib.Path:
+  """`tiny_t5_config` with random weights (seed 0) and `seqio_spm`, in the HF layout."""
+  from imagen_jax.text import t5
+  path = tmp_path_factory.mktemp("t5") / "tiny"
+  t5.save_random_encoder(path, tiny_t5_config, seed=0, spiece_model=seqio_spm)
+  return path
+
+
+@pytest.fixture(scope="session")
+def shapes_word_cache(tmp_path_factory) -> pathlib.Path:
+  """An embedding cache of every shapes caption (both splits) from the test word encoder
+  (test_train_lib.WordEncoder: d_model 16, max_length 12), for training runs."""
+  import test_train_lib
+  from imagen_jax.data import shapes
+  from imagen_jax.text import cache as cache_lib
+  path = tmp_path_factory.mktemp("word_cache")
+  captions = shapes.all_captions("train") + shapes.all_captions("held_out")
+  cache_lib.build_cache(path, captions, test_train_lib.WordEncoder(d_model=16, max_length=12),
+                        progress=False)
+  return path

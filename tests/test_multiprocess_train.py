@@ -24,10 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import test_train_lib as lib
 from imagen_jax.cli import train as train_cli
-from imagen_jax.data import shapes
-from imagen_jax.text import cache as cache_lib
 from imagen_jax.train import checkpoint as ckpt_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -50,12 +47,8 @@ TINY = ["--gin_file=experiments/tiny_base.gin", "--gin.IMAGE_SIZE=8", "--gin.TEX
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("cache")
-  captions = shapes.all_captions("train") + shapes.all_captions("held_out")
-  cache_lib.build_cache(path, captions, lib.WordEncoder(d_model=16, max_length=12),
-                        progress=False)
-  return path
+def cache_dir(shapes_word_cache):
+  return shapes_word_cache
 
 
 def run_two_processes(model_dir, cache_dir, *extra):

@@ -120,3 +120,16 @@ def test_plan_takes_its_settings_as_arguments_and_gin_settings_reads_the_run():
   # The binding says 3 micro-batches; the argument says 5, which does not divide 4 rows.
   with pytest.raises(UserError, match="micro_batches=5"):
     plan_lib.plan_training(mesh, batch_size=8, micro_batches=5, compile_step=False)
+def test_plans_the_experiments_optimizer(tiny_plans, capsys):
+  """imagen-plan reads an experiment file as it is (its run macros, MODEL_DIR and the
+  others, unset) and builds the optimizer the run configures, so the state bytes are the
+  run's: Adafactor keeps one second moment (factored for large matrices), Adam two."""
+  adam = tiny_plans["data:1"]
+  assert plan_cli.main(["--gin_file=experiments/tiny_base.gin", "--mesh=data:1", "--batch=8",
+                        "--gin.make_optimizer.name='adafactor'", "--no_compile",
+                        "--json"]) == 0
+  plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert (adam["optimizer"], plan["optimizer"]) == ("adam", "adafactor")
+  assert plan["params"] == adam["params"]
+  assert adam["opt_state_bytes_per_device"] >= 2 * adam["param_bytes_per_device"]
+  assert plan["opt_state_bytes_per_device"] <= 0.6 * adam["opt_state_bytes_per_device"]

@@ -155,9 +155,9 @@ def test_cli_writes_stages_grid_and_index(env, cli_run, capsys):
   names = [f"{p:05d}_{s}.png" for p in range(len(PROMPTS)) for s in range(NUM_SAMPLES)]
   assert sorted(files) == sorted([f"stage0/{n}" for n in names] + [f"stage1/{n}" for n in names]
                                  + ["grid.png"])
-  assert output.read_png(out / "stage0/00000_0.png").shape == (8, 8, 3)
-  assert output.read_png(out / "stage1/00004_1.png").shape == (16, 16, 3)
-  grid = output.read_png(out / "grid.png")
+  assert output.read_image(out / "stage0/00000_0.png").shape == (8, 8, 3)
+  assert output.read_image(out / "stage1/00004_1.png").shape == (16, 16, 3)
+  grid = output.read_image(out / "grid.png")
   assert grid.shape[0] > 16 and grid.shape[1] > 3 * 16  # images plus caption bands
   rows = output.read_index(out)
   assert len(rows) == 2 * len(names)
@@ -211,7 +211,7 @@ def test_api_gives_the_cli_images_and_reproduces_index_seeds(cascade, cli_run):
     for p in range(len(PROMPTS)):
       for s in range(NUM_SAMPLES):
         np.testing.assert_array_equal(images[k][p, s],
-                                      output.read_png(out / output.image_file(k, p, s)))
+                                      output.read_image(out / output.image_file(k, p, s)))
   row = [r for r in output.read_index(out) if (r["prompt_index"], r["sample"]) == (3, 1)][0]
   again = cascade.reproduce(row["prompt"], row["seed"])
   np.testing.assert_array_equal(again[0], images[0][3, 1])
@@ -244,13 +244,13 @@ def test_other_batch_size_gives_identical_images(cascade):
 
 def test_start_images_are_super_resolved_like_the_cascade_output(cascade, cli_run):
   out, _ = cli_run
-  lowres = [output.read_png(out / output.image_file(0, p, 0)) for p in range(len(PROMPTS))]
+  lowres = [output.read_image(out / output.image_file(0, p, 0)) for p in range(len(PROMPTS))]
   images = cascade(PROMPTS, num_samples=1, seed=7, start_images=lowres)
   assert len(images) == 2
   np.testing.assert_array_equal(images[0][:, 0], np.stack(lowres))
   for p in range(len(PROMPTS)):
     np.testing.assert_array_equal(images[1][p, 0],
-                                  output.read_png(out / output.image_file(1, p, 0)))
+                                  output.read_image(out / output.image_file(1, p, 0)))
 
 
 def test_cli_start_image_folder_with_captions(env, cli_run, tmp_path):

@@ -63,7 +63,7 @@ def test_write_png_round_trips_and_leaves_no_temporary(tmp_path):
   image = np.random.RandomState(0).randint(0, 256, (5, 5, 3)).astype(np.uint8)
   path = tmp_path / "stage0" / output.image_file(0, 3, 1).split("/")[1]
   output.write_png(path, image)
-  np.testing.assert_array_equal(output.read_png(path), image)
+  np.testing.assert_array_equal(output.read_image(path), image)
   assert sorted(p.name for p in path.parent.iterdir()) == ["00003_1.png"]
   assert output.image_file(2, 12, 0) == "stage2/00012_0.png"
 

@@ -9,26 +9,19 @@ import shutil
 
 import numpy as np
 import pytest
-import seqio
 
 from imagen_jax.errors import UserError
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import encode, t5
 
-SEQIO_MODEL = (pathlib.Path(seqio.__file__).parent / "test_data" / "sentencepiece" /
-               "sentencepiece.model")
-TINY = t5.T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu")
 CAPTIONS = [f"{c} {s}" for c in ("red", "blue", "green", "orange")
             for s in ("circle", "square", "triangle")]  # 12 distinct
 MAX_LENGTH = 32
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-  path = tmp_path_factory.mktemp("t5") / "tiny"
-  t5.save_random_encoder(path, TINY, seed=0, spiece_model=SEQIO_MODEL)
-  return encode.TextEncoder.load(path, max_length=MAX_LENGTH, batch_size=8)
+def encoder(tiny_t5_dir):
+  return encode.TextEncoder.load(tiny_t5_dir, max_length=MAX_LENGTH, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +51,10 @@ def _bytes_of(directory):
           if p.name.startswith("shard-") and not p.name.endswith(".tmp")}
 
 
-def test_text_encoder_batches_compile_once_and_match_t5(encoder):
+def test_text_encoder_batches_compile_once_and_match_t5(encoder, tiny_t5_config, seqio_spm):
   captions = CAPTIONS[:11]  # two batches of 8, the last one padded
   emb, mask = encoder.encode(captions)
-  assert emb.shape == (11, MAX_LENGTH, TINY.d_model) and emb.dtype == np.float32
+  assert emb.shape == (11, MAX_LENGTH, tiny_t5_config.d_model) and emb.dtype == np.float32
   assert encoder._encode._cache_size() == 1  # no recompilation between batches
   tokens = encoder.tokenize(captions)
   np.testing.assert_array_equal(mask, tokens.mask)
@@ -70,7 +63,7 @@ def test_text_encoder_batches_compile_once_and_match_t5(encoder):
   assert (emb[~mask] == 0).all()
   identity = encoder.identity
   assert identity["d_model"] == 32 and identity["max_length"] == MAX_LENGTH
-  assert identity["vocab_sha256"] == hashlib.sha256(SEQIO_MODEL.read_bytes()).hexdigest()
+  assert identity["vocab_sha256"] == hashlib.sha256(seqio_spm.read_bytes()).hexdigest()
   assert identity["weights_sha256"] == encoder.encoder.weights_sha256
   # The batch is rounded up to split evenly over the 8 data-parallel devices.
   odd = encode.TextEncoder(encoder.encoder, encoder.vocabulary, vocab_sha256="x",
@@ -205,9 +198,9 @@ def test_missing_caption_names_it_and_the_command(small_cache):
     cache.get_batch([CAPTIONS[0]], 2)
 
 
-def test_bad_inputs(encoder, small_cache, tmp_path):
-  small_table = dataclasses.replace(TINY, vocab_size=20)  # the test vocabulary has 26 ids
-  t5.save_random_encoder(tmp_path / "t5", small_table, spiece_model=SEQIO_MODEL)
+def test_bad_inputs(encoder, small_cache, tiny_t5_config, seqio_spm, tmp_path):
+  small_table = dataclasses.replace(tiny_t5_config, vocab_size=20)  # the test vocabulary has 26 ids
+  t5.save_random_encoder(tmp_path / "t5", small_table, spiece_model=seqio_spm)
   with pytest.raises(UserError, match="26 ids but the T5 embedding table only 20"):
     encode.TextEncoder.load(tmp_path / "t5")
   (tmp_path / "t5" / "spiece.model").unlink()

@@ -5,22 +5,19 @@ import pathlib
 
 import numpy as np
 import pytest
-import seqio
 import sentencepiece as spm
 
 from imagen_jax.errors import UserError
 from imagen_jax.text import vocab
 
-SEQIO_MODEL = (pathlib.Path(seqio.__file__).parent / "test_data" / "sentencepiece" /
-               "sentencepiece.model")
 TEXTS = [f"a {c} {s} {r} a {c2} square"
          for c in ("red", "blue", "green") for s in ("circle", "triangle")
          for r in ("above", "below") for c2 in ("purple", "yellow")]
 
 
 @pytest.fixture(scope="module")
-def seqio_vocab():
-  return vocab.load_vocabulary(SEQIO_MODEL)
+def seqio_vocab(seqio_spm):
+  return vocab.load_vocabulary(seqio_spm)
 
 
 def test_tokenize_appends_eos_and_masks(seqio_vocab):

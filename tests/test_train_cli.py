@@ -10,8 +10,6 @@ import pytest
 
 import test_train_lib as lib
 from imagen_jax.cli import train as cli
-from imagen_jax.data import shapes
-from imagen_jax.text import cache as cache_lib
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import export as export_lib
 from imagen_jax.train import state as state_lib
@@ -27,12 +25,8 @@ SMALL = ["--gin.IMAGE_SIZE=8", "--gin.TEXT_DIM=16", "--gin.UNet.model_channels=1
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("cache")
-  captions = shapes.all_captions("train") + shapes.all_captions("held_out")
-  cache_lib.build_cache(path, captions, lib.WordEncoder(d_model=16, max_length=12),
-                        progress=False)
-  return path
+def cache_dir(shapes_word_cache):
+  return shapes_word_cache
 
 
 def _args(model_dir, cache_dir, *extra):

@@ -86,3 +86,42 @@ def test_opt_state_shardings_follow_params(devices):
         assert spec == P(), path
     if name == "adam":
       assert sum(s == P("fsdp", None) for s in specs.values()) == 2   # mu and nu
+
+
+def test_optimizer_name_is_the_one_make_optimizer_builds():
+  import gin
+  assert optim.optimizer_name() == optim.DEFAULT_OPTIMIZER == "adam"
+  gin.bind_parameter("make_optimizer.name", "adafactor")
+  assert optim.optimizer_name() == "adafactor"
+
+
+def _opt_state_size(tx, shape):
+  state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct(shape, jnp.float32)})
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("gin_file,name", [("experiments/imagen_base64.gin", "adafactor"),
+                                           ("experiments/imagen_sr256.gin", "adam"),
+                                           ("experiments/imagen_sr1024.gin", "adam")])
+def test_paper_configs_train_as_imagen_appendix_f(gin_file, name):
+  """Imagen (Saharia et al. 2022, appendix F): Adafactor for the 64x64 base model, Adam for
+  the super-resolution models; lr 1e-4 after 10k linear warm-up steps, then constant."""
+  import pathlib
+
+  import gin
+  configs = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
+  gin.add_config_file_search_path(str(configs))
+  gin.parse_config_files_and_bindings([str(configs / gin_file)], None, finalize_config=False)
+  assert optim.optimizer_name() == name
+  tx, lr = optim.make_optimizer()
+  assert float(lr(0)) == pytest.approx(1e-4 / 10_000)
+  assert float(lr(4_999)) == pytest.approx(0.5e-4)
+  assert float(lr(10_000)) == pytest.approx(1e-4)
+  assert float(lr(2_000_000)) == pytest.approx(1e-4)  # no decay
+  # What was built is what was named: Adafactor keeps a factored second moment of a
+  # matrix (a row and a column vector), Adam two full moments.
+  size = _opt_state_size(tx, (256, 128))
+  if name == "adafactor":
+    assert size < 2 * (256 + 128)
+  else:
+    assert size >= 2 * 256 * 128

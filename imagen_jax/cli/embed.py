@@ -34,6 +34,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from imagen_jax import files
 from imagen_jax.cli import gin_utils
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import hosts
@@ -164,7 +165,7 @@ def run_embed(dataset: str | None = None, cache_dir: str | None = None,
                     stats["truncated"], encoder.max_length)
   if not main:
     return summary
-  cache_lib.write_atomic(cache_path / SUMMARY_FILE, json.dumps(summary, indent=1).encode())
+  files.write_atomic(cache_path / SUMMARY_FILE, json.dumps(summary, indent=1).encode())
   total = len(cache_lib.EmbeddingCache.open(cache_path))
   print(f"{summary['new']} new captions embedded ({summary['existing']} already cached, "
         f"{summary['captions'] - summary['unique']} duplicates) into {summary['shards']} "

@@ -152,12 +152,12 @@ def _scorer(args):
 
 def _clip_score(args) -> None:
   from imagen_jax.eval import clip_score, samples
-  from imagen_jax.sample.output import _write_atomic
+  from imagen_jax.files import write_atomic
   from etils import epath
   samples.stage_rows(args.samples, args.stage)  # a bad directory fails before CLIP loads
   result = clip_score.score_samples(args.samples, _scorer(args), args.stage)
   out = epath.Path(args.samples) / "clip_score.json"
-  _write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
+  write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
   print(f"CLIP score {result['clip_score']:.4f} over {result['num_images']} images "
         f"(stage {result['stage']}); wrote {out}")
   if args.json:

@@ -1,6 +1,6 @@
 """imagen-plan: parameters, FLOPs and memory per device of a training run, planned abstractly.
 
-  imagen-plan --gin_file=models/imagen_base64_2b.gin --mesh=data:8,fsdp:4,tensor:2 [--json]
+  imagen-plan --gin_file=experiments/imagen_base64.gin --mesh=data:8,fsdp:4,tensor:2 [--json]
 
 It simulates exactly the devices the mesh names (CPU devices through XLA_FLAGS, set before
 jax starts), builds the model with `nnx.eval_shape` and lowers the train step with abstract
@@ -62,7 +62,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
   _simulate_devices(count)
   import jax  # pylint: disable=import-outside-toplevel
   from imagen_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  gin_utils.apply_gin_args(args)
+  # Nothing is trained, so an experiment file's run macros (MODEL_DIR, DATASET, ...) may
+  # stay unset: the config is not finalized.
+  gin_utils.apply_gin_args(args, finalize=False)
   mesh = mesh_lib.make_mesh(shape, devices=jax.devices()[:count])
   result = plan_lib.plan_training(mesh, **plan_lib.gin_settings(args.batch),
                                   compile_step=not args.no_compile)

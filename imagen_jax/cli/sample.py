@@ -14,7 +14,7 @@ skips the images already there, so a killed job resumes. See docs/sample.md.
 SR stages alone. Each image's prompt is its caption file (cat.png + cat.txt) if there is
 one, else line i of --prompts goes with image i.
 
-Multi-process (issue 7): with --coordinator_address/--process_count/--process_index (or a
+Multi-process: with --coordinator_address/--process_count/--process_index (or a
 detected cluster), each process samples its share of the images on its own devices; process
 0 then merges index.jsonl and writes the grid. out_dir must be shared (e.g. gs://).
 """

@@ -12,8 +12,8 @@ objective, so the weight on the objective's own loss is min(SNR, gamma) / w_obje
 Clamped-SNR weighting is min-SNR with a floor of 1: x0-space weight max(min(SNR, gamma), 1),
 i.e. min-SNR-gamma at low noise and Salimans & Ho's "truncated SNR" max(SNR, 1) (section 4)
 at high noise. Min-SNR's weight min(SNR, gamma) vanishes at high noise (SNR e^-10 at
-log-SNR -10), where a text-to-image model decides the layout: with it, the quickstart's
-base model never learned which object a caption puts on the left (docs/quickstart.md).
+log-SNR -10), where a text-to-image model decides the layout; the floor keeps weight there
+(docs/diffusion.md).
 """
 
 import jax

@@ -22,10 +22,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from etils import epath
 
-from imagen_jax import weights
+from imagen_jax import files, weights
 from imagen_jax.data import preprocess
 from imagen_jax.eval import images as images_lib
-from imagen_jax.sample import output
 from imagen_jax.errors import UserError
 
 
@@ -130,5 +129,5 @@ def cached_statistics(out: str | os.PathLike, images: CroppedImages,
   mu, sigma = compute(images)
   buf = io.BytesIO()
   np.savez(buf, mu=mu, sigma=sigma, resolution=images.resolution, count=len(images))
-  output._write_atomic(out, buf.getvalue())  # pylint: disable=protected-access
+  files.write_atomic(out, buf.getvalue())
   return (mu, sigma), False

@@ -182,7 +182,7 @@ def write_rating_page(path: str | os.PathLike, items: Sequence[Mapping[str, Any]
                       images_a: Sequence[np.ndarray], images_b: Sequence[np.ndarray], *,
                       seed: int, models: Mapping[str, str]) -> str:
   """Writes the HTML page (atomically); image i of A and of B go with item i."""
-  from imagen_jax.sample.output import _write_atomic
+  from imagen_jax.files import write_atomic
   if not (len(items) == len(images_a) == len(images_b)):
     raise ValueError("one image of A and one of B per item")
   body = "".join(
@@ -196,7 +196,7 @@ def write_rating_page(path: str | os.PathLike, items: Sequence[Mapping[str, Any]
   # "</" inside a <script> element would end it early.
   data_json = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
   page = _PAGE.format(items=body, data=data_json, questions=json.dumps(list(QUESTIONS)))
-  _write_atomic(epath.Path(path), page.encode("utf-8"))
+  write_atomic(epath.Path(path), page.encode("utf-8"))
   return os.fspath(path)
 
 

@@ -24,13 +24,13 @@ from flax import nnx
 from scipy import linalg
 from tqdm import tqdm
 
+from imagen_jax import files
 from imagen_jax.errors import UserError
 from imagen_jax.eval import images as images_lib
 from imagen_jax.eval.inception import InceptionV3
 from imagen_jax.parallel import hosts
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import rules
-from imagen_jax.sample import output
 
 Statistics = tuple[np.ndarray, np.ndarray]
 
@@ -79,7 +79,7 @@ def save_statistics(file: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) 
   """Writes pytorch-fid's `.npz` (`mu`, `sigma`) through a temporary file and a rename."""
   buf = io.BytesIO()
   np.savez_compressed(buf, mu=mu, sigma=sigma)
-  output._write_atomic(epath.Path(file), buf.getvalue())
+  files.write_atomic(file, buf.getvalue())
 
 
 def load_statistics(file: str | os.PathLike) -> Statistics:

@@ -1,6 +1,6 @@
 """ShapesBench: a deterministic checker of images against captions of the shapes grammar.
 
-Imagen's DrawBench in miniature (issue 8): for a caption of `imagen_jax.data.shapes`, an
+Imagen's DrawBench in miniature: for a caption of `imagen_jax.data.shapes`, an
 image is scored on colour, shape and (for two objects) relation, from pixels alone.
 Images larger than `ANALYSIS_RESOLUTION` are box-downsampled to it first.
 
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from imagen_jax import files, images
 from imagen_jax.data import shapes
 from imagen_jax.errors import UserError
 
@@ -261,36 +262,25 @@ def check_image(image: np.ndarray, caption: str) -> dict[str, Any]:
 
 
 def _read_index(samples_dir: epath.Path) -> list[dict[str, Any]]:
+  from imagen_jax.sample import output  # imagen-sample's index format; imported on use
   if not samples_dir.is_dir():
     raise UserError(f"samples directory {os.fspath(samples_dir)!r} does not exist; pass the "
                     "--out_dir of imagen-sample")
-  index = samples_dir / "index.jsonl"
-  if not index.exists():
-    raise UserError(f"{os.fspath(index)!r} is missing; imagen-sample writes it next to the "
-                    "images (rows with prompt, stage, file)")
-  rows = []
-  for n, line in enumerate(index.read_text().splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{os.fspath(index)} line {n} is not JSON: {e}") from e
+  rows = output.read_index(samples_dir)
+  index = os.fspath(samples_dir / output.INDEX_FILE)
+  for n, row in enumerate(rows, start=1):
     missing = [k for k in ("prompt", "stage", "file") if not isinstance(row, dict) or k not in row]
     if missing:
-      raise UserError(f"{os.fspath(index)} line {n} lacks {missing}; rows need prompt, "
-                      "stage and file")
-    rows.append(row)
+      raise UserError(f"{index} row {n} lacks {missing}; rows need prompt, stage and file")
   if not rows:
-    raise UserError(f"{os.fspath(index)!r} is empty; nothing to score")
+    raise UserError(f"{index!r} is empty; nothing to score")
   return rows
 
 
 def _load_image(path: epath.Path) -> np.ndarray:
-  from PIL import Image, UnidentifiedImageError
+  from PIL import UnidentifiedImageError
   try:
-    with path.open("rb") as f:
-      return np.asarray(Image.open(f).convert("RGB"))
+    return images.read_image(path)
   except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
     raise UserError(f"cannot read image {os.fspath(path)!r} listed in index.jsonl: {e}") from e
 
@@ -346,7 +336,7 @@ def evaluate_dir(samples_dir: str | os.PathLike, *, progress: bool = True) -> di
   results = {"samples_dir": os.fspath(samples_dir), "n_scored": len(images),
              "n_skipped": sum(skipped.values()), "skipped_prompts": sorted(skipped),
              "stages": stages, "images": images}
-  (samples_dir / "shapesbench.json").write_text(json.dumps(results, indent=1) + "\n")
+  files.write_atomic(samples_dir / "shapesbench.json", json.dumps(results, indent=1) + "\n")
   return results
 
 

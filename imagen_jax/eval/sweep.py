@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
+from imagen_jax import files
 from imagen_jax.errors import UserError
-from imagen_jax.sample import output
 
 METRICS_FILE = "metrics.json"
 
@@ -64,7 +64,7 @@ def run_sweep(guidances: Sequence[float], sample: Callable[[float, epath.Path], 
     sample(w, directory)
     fid, clip = evaluate(directory)
     point = SweepPoint(float(w), float(fid), float(clip), os.fspath(directory))
-    output._write_atomic(saved, (json.dumps(dataclasses.asdict(point)) + "\n").encode())  # pylint: disable=protected-access
+    files.write_atomic(saved, json.dumps(dataclasses.asdict(point)) + "\n")
     points.append(point)
   return points
 

@@ -66,17 +66,6 @@ def local_rngs(rngs: "nnx.Rngs | KeyStream") -> KeyStream:
   return KeyStream(rngs.params())
 
 
-def as_dtype(dtype: Any) -> jnp.dtype:
-  """Accepts a dtype or its name (gin configs write `'bfloat16'`)."""
-  try:
-    out = jnp.dtype(dtype)
-  except TypeError:
-    raise UserError(f"unknown compute dtype {dtype!r}; use 'float32' or 'bfloat16'") from None
-  if out not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-    raise UserError(f"compute dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
-  return out
-
-
 def conv(in_ch: int, out_ch: int, kernel: int = 3, *, strides: int = 1, dtype: Any,
          rngs: nnx.Rngs, zero_init: bool = False) -> nnx.Conv:
   """A 'SAME'-padded 2D convolution over NHWC images."""

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax.dtypes import as_dtype
 from imagen_jax.errors import UserError
 from imagen_jax.nn import layers
 from imagen_jax.nn.attention import AttentionBlock, AttentionPool, TextLayer
@@ -178,7 +179,7 @@ class UNet(_ConditionedUNet):
     self.lowres_size = None
     self.text_dim = text_dim
     self.channels = channels
-    self.dtype = layers.as_dtype(dtype)
+    self.dtype = as_dtype(dtype)
     self.remat = remat
     self.dropout_rate = dropout
     self.divisor = 2 ** (len(channel_mult) - 1)
@@ -327,7 +328,7 @@ class EfficientUNet(_ConditionedUNet):
     self.lowres_size = lowres_size
     self.text_dim = text_dim
     self.channels = channels
-    self.dtype = layers.as_dtype(dtype)
+    self.dtype = as_dtype(dtype)
     self.remat = remat
     self.dropout_rate = dropout
     self.skip_scale = skip_scale

@@ -1,12 +1,9 @@
 """Grounding pretraining: teaches a small T5 encoder what the shapes captions mean.
 
 Imagen's frozen T5-XXL arrives knowing that in "a red circle to the right of a blue square"
-the red circle is the one on the right. No pretrained T5 can be downloaded here, and one
-with random weights knows nothing: its embeddings keep each word and some of the word
-order, but not which object the relation puts where. Measured with the order probe of
-docs/quickstart.md, a U-Net trained on a random T5's embeddings never learns the layout
-(order 44%, chance 50%) while the same U-Net given the roles in the text learns it at once
-(100%, 600 steps).
+the red circle is the one on the right. A T5 with random weights does not: its embeddings
+keep each word and some of the word order, but not which object the relation puts where,
+and a U-Net trained on them cannot learn the layout (docs/quickstart.md, "Word order").
 
 This module gives the encoder that knowledge the way CLIP's text encoder gets it: from
 captioned images. A small head predicts a coarse rendering (8x8) of each training caption
@@ -14,9 +11,8 @@ from the encoder's token embeddings, every pixel attending to the tokens with a 
 query, as the U-Net's cross-attention later reads them. The best such prediction is the
 caption's mean image, which puts each colour where the relation says, so the tokens must
 come to carry which object goes where. Both encoder and head train; the head is then
-dropped and the encoder is frozen and cached like any T5 checkpoint. On 2 CPU cores,
-1,000 steps at batch 128 take about a minute, after which the head's predictions have the
-caption's order for every probed training caption.
+dropped and the encoder is frozen and cached like any T5 checkpoint. `order_accuracy`
+scores the head's predictions (the report that `pretrain` returns).
 
 Only the training split's scenes are used (the held-out combinations stay unseen), from
 the same deterministic stream as the training data (`shapes.sample_scene`).

@@ -1,41 +1,29 @@
 """The quickstart's text assets: a sentencepiece model of the shapes captions and a small
-T5 encoder, random and then grounded for a minute on the shapes training split
-(`grounding.pretrain`; no pretrained T5 can be downloaded here). Its weights are then
-fixed: the quickstart caches its embeddings like any T5's.
+T5 encoder, random and then grounded on the shapes training split (`grounding.pretrain`;
+no pretrained T5 can be downloaded here). Its weights are then fixed: the quickstart
+caches its embeddings like any T5's.
 
     python -m imagen_jax.quickstart.text_assets --out=runs/quickstart/t5
-    # -> runs/quickstart/t5/{config.json, model.safetensors, spiece.model}, a directory
-    #    that TextEncoder.load / imagen-embed / imagen-sample read like a real T5 checkpoint
+    # -> runs/quickstart/t5/{config.json, model.safetensors, spiece.model, grounding.json},
+    #    a directory that TextEncoder.load / imagen-embed / imagen-sample read like a real
+    #    T5 checkpoint
 
 Deterministic: the same flags give byte-identical files.
 
-The tokenizer. `vocab.train_sentencepiece` trains a unigram model by default, and on this small,
-repetitive corpus sentencepiece's unigram seeding finds only ~28 candidate pieces, so
-colour words come out spelled letter by letter ("▁b l u e", "▁ p u r p le"): 18 pieces
-for a two-object caption. A BPE model with 96 pieces (`model_type="bpe"`), with the same T5 ids
-(pad 0, EOS 1, unk 2, no BOS), keeps every word of the grammar whole (a two-object caption
-is 10 pieces plus EOS) and still spells unknown words with single characters, so a prompt
-outside the grammar tokenizes without `<unk>` as long as its letters occur in the corpus.
-Whole words give the U-Net's cross-attention one token per word to bind, and short
-sequences keep attention cheap.
+- The tokenizer is a 96-piece BPE model (`model_type="bpe"`) with T5's ids (pad 0, EOS 1,
+  unk 2, no BOS): every word of the grammar is one piece, which gives the U-Net's
+  cross-attention one token per word and keeps sequences short, and a word outside the
+  grammar is spelled with single characters. (A unigram model spells the colour words
+  letter by letter on this small, repetitive corpus.)
+- The encoder's random relative position bias has std `position_bias_std` (1.0) instead of
+  T5's initial d_model ** -0.5, so that each head attends by relative position, as a
+  trained T5's heads do, and the embeddings keep the word order.
+- `grounding_steps` (1,000, about a minute) then trains the encoder to predict a coarse
+  image of each caption, which puts each object's role into its tokens; 0 keeps the
+  random weights.
 
-The encoder. A random T5 is not a language model, but it is a fixed, injective-enough map
-from token sequences to vectors: each word's embedding survives in the residual stream,
-and the relative-position attention mixes in its neighbours. With T5's initialisation the
-relative position bias is tiny (std d_model ** -0.5 = 0.125; training grows it), attention
-is nearly uniform, and the output is close to a bag of words: in "a red circle above a
-blue square" vs "a blue square above a red circle" the embedding of "red" moves by only
-4-7% of its norm. `position_bias_std=1.0` makes each head attend by relative position, as
-a trained T5's heads do, and the same swap moves "red" by 33-48%. With it (and the U-Net's
-learned text positions) the quickstart's relation accuracy went from 33% to 42%
-(docs/quickstart.md). The default size is also the result of
-`benchmarks/quality_sweep.py`.
-
-Grounding. Word order is not meaning: from a random T5's embeddings the U-Net learns the
-axis of a relation but never which object goes left (a coin flip, docs/quickstart.md).
-`grounding_steps` (default 1,000, about a minute) trains the random encoder to predict a
-coarse image of each caption first, which puts each object's role into its tokens;
-`grounding_steps=0` keeps the random weights.
+Why each choice, and what it measured: docs/quickstart.md, "The text encoder" and "Word
+order".
 """
 
 from __future__ import annotations
@@ -49,6 +37,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
+from imagen_jax import files
 from imagen_jax.data import shapes
 from imagen_jax.errors import UserError
 from imagen_jax.quickstart import grounding
@@ -59,7 +48,8 @@ DEFAULT_VOCAB_SIZE = 96
 # the grammar while keeping text attention short.
 DEFAULT_MAX_LENGTH = 16
 DEFAULT_POSITION_BIAS_STD = 1.0
-# About a minute on 2 CPU cores; the head's layout order reaches 100% by ~750 steps.
+# About a minute on 2 CPU cores, and past the point where the head orders every probed
+# caption (docs/quickstart.md).
 DEFAULT_GROUNDING_STEPS = 1000
 
 
@@ -115,7 +105,7 @@ def make_toy_text_assets(out: str | os.PathLike, *, d_model: int = 64, num_layer
   if report is not None:
     fields = dataclasses.asdict(report)
     fields.pop("seconds")  # keeps the directory byte-identical from run to run
-    report_path.write_text(json.dumps(fields, indent=2) + "\n")
+    files.write_atomic(report_path, json.dumps(fields, indent=2) + "\n")
     if progress:
       print(report.summary())
   return os.fspath(out)

@@ -68,7 +68,7 @@ class Stage(stage_lib.SamplerSettings):
   - thresholding: dynamic, percentile 99.5 (section 2.3 and appendix; Saharia et al. found
     it best with large guidance weights). Configs for the shapes data override it with
     `static`: there, white backgrounds sit at the clipping edge, and dynamic thresholding's
-    rescaling greys them out (measured: static thresholding was better by a wide margin);
+    rescaling greys them out (docs/sample.md);
   - guidance_scale: Imagen sweeps guidance weights 1-10 for the base model (figure 4) and
     uses large weights with dynamic thresholding; 5.0 is a middle value of that sweep
     (1.0 = no guidance, 0.0 = unconditional);
@@ -380,7 +380,7 @@ class DirectorySink:
     return self._path(stage, item).name in self._listed[stage]
 
   def read(self, stage, item):
-    return output.read_png(self._path(stage, item))
+    return output.read_image(self._path(stage, item))
 
   def write(self, stage, item, image):
     output.write_png(self._path(stage, item), image)
@@ -707,6 +707,6 @@ def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samp
     images = [sink.read(last - 1, it) for it in shown]
     captions = [prompts[it.prompt_index] + (f" #{it.sample}" if num_samples > 1 else "")
                 for it in shown]
-    output.write_grid(epath.Path(out_dir) / output.GRID_FILE,
-                      output.make_grid(images, captions))
+    output.write_png(epath.Path(out_dir) / output.GRID_FILE,
+                     output.make_grid(images, captions))
   return summary

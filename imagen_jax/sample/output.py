@@ -1,6 +1,6 @@
 """Files that sampling reads and writes: prompts, start images, PNGs, the grid, index.jsonl.
 
-Layout of an output directory (issue 6):
+Layout of an output directory:
 
   DIR/stage{k}/{prompt_index:05d}_{sample}.png   one PNG per sample per stage (k = 0: base)
   DIR/grid.png                                   the last stage's images with their prompts
@@ -14,18 +14,16 @@ truncated PNG behind, and a rerun that finds a file can trust it. All paths go t
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import textwrap
-import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from etils import epath
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from imagen_jax import files as files_lib
 from imagen_jax.errors import UserError
+from imagen_jax.images import make_grid, read_image, write_png  # noqa: F401 (sampling's API)
 
 INDEX_FILE = "index.jsonl"
 GRID_FILE = "grid.png"
@@ -74,12 +72,6 @@ def list_images(path: str | os.PathLike) -> list[epath.Path]:
   return [path]
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-  """Any image file as uint8 [H, W, 3] RGB."""
-  with epath.Path(path).open("rb") as f:
-    return np.asarray(Image.open(f).convert("RGB"))
-
-
 def load_start_images(path: str | os.PathLike,
                       prompts: Sequence[str] | None) -> tuple[list[np.ndarray], list[str]]:
   """Start images for super-resolution and the prompt that goes with each.
@@ -126,81 +118,12 @@ def fit_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
-# PNGs, written atomically.
+# PNGs (written atomically by images.write_png) and the grid (images.make_grid).
 
 
 def image_file(stage: int, prompt_index: int, sample: int) -> str:
   """The path of one image relative to the output directory."""
   return f"stage{stage}/{prompt_index:05d}_{sample}.png"
-
-
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-  tmp.write_bytes(data)
-  tmp.replace(path)
-
-
-def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-  """Writes uint8 [H, W, 3] as PNG through a temporary file and a rename."""
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
-  _write_atomic(epath.Path(path), buf.getvalue())
-
-
-def read_png(path: str | os.PathLike) -> np.ndarray:
-  return read_image(path)
-
-
-# ---------------------------------------------------------------------------------------
-# The grid.
-
-
-def make_grid(images: Sequence[np.ndarray], captions: Sequence[str], *,
-              cell_size: int | None = None, columns: int | None = None,
-              max_lines: int = 6) -> Image.Image:
-  """Images in rows, each with its caption (wrapped) in a white band under it.
-
-  Cells are the image size clamped to [128, 256] px (so a caption fits under a 16 px image):
-  small images are enlarged with nearest-neighbour sampling (pixels stay visible), large
-  ones shrunk.
-  """
-  if not images:
-    raise ValueError("make_grid needs at least one image")
-  size = images[0].shape[0]
-  cell = min(max(size, 128), 256) if cell_size is None else cell_size
-  columns = columns or int(np.ceil(np.sqrt(len(images))))
-  rows = int(np.ceil(len(images) / columns))
-  font = ImageFont.load_default(size=max(11, cell // 12))
-  chars_per_line = max(8, int(cell / (font.size * 0.55)))
-  wrapped = []
-  for caption in captions:
-    lines = textwrap.wrap(caption, chars_per_line) or [""]
-    if len(lines) > max_lines:
-      lines = lines[:max_lines - 1] + [lines[max_lines - 1][:chars_per_line - 3] + "..."]
-    wrapped.append(lines)
-  line_h = font.size + 3
-  band = 6 + line_h * max(len(w) for w in wrapped)
-  pad = 4
-  grid = Image.new("RGB", (columns * (cell + pad) + pad, rows * (cell + band + pad) + pad),
-                   "white")
-  draw = ImageDraw.Draw(grid)
-  for i, (image, lines) in enumerate(zip(images, wrapped)):
-    r, c = divmod(i, columns)
-    x, y = pad + c * (cell + pad), pad + r * (cell + band + pad)
-    tile = Image.fromarray(np.asarray(image, np.uint8))
-    if tile.size != (cell, cell):
-      tile = tile.resize((cell, cell), Image.NEAREST if cell > tile.size[0] else Image.BICUBIC)
-    grid.paste(tile, (x, y))
-    for j, line in enumerate(lines):
-      draw.text((x + 2, y + cell + 3 + j * line_h), line, fill="black", font=font)
-  return grid
-
-
-def write_grid(path: str | os.PathLike, grid: Image.Image) -> None:
-  buf = io.BytesIO()
-  grid.save(buf, format="PNG")
-  _write_atomic(epath.Path(path), buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,26 +134,8 @@ def row_key(row: dict) -> tuple[int, int, int]:
   return (int(row["stage"]), int(row["prompt_index"]), int(row["sample"]))
 
 
-def _read_rows(path: epath.Path) -> tuple[list[dict], bool]:
-  """Rows of a JSONL file; the flag says whether a torn last line was dropped."""
-  if not path.exists():
-    return [], False
-  text = path.read_text()
-  rows, torn = [], False
-  for line in text.splitlines(keepends=True):
-    if not line.endswith("\n"):  # a write cut short by a kill
-      torn = True
-      break
-    if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        torn = True
-  return rows, torn
-
-
 def _write_rows(path: epath.Path, rows: Iterable[dict]) -> None:
-  _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+  files_lib.write_atomic(path, files_lib.jsonl_text(rows))
 
 
 def part_file(process_index: int, process_count: int) -> str:
@@ -240,7 +145,7 @@ def part_file(process_index: int, process_count: int) -> str:
 class IndexWriter:
   """Appends index rows, each once, to `index.jsonl` (or a per-process part file).
 
-  With one process, rows go straight into DIR/index.jsonl. With several (issue 7), each
+  With one process, rows go straight into DIR/index.jsonl. With several, each
   process appends to its own part file, and process 0 merges them with `merge_index` after
   a barrier. Rows already in the index or any part file are never written twice, so a
   resumed job completes the index without duplicates.
@@ -254,7 +159,7 @@ class IndexWriter:
     self.path = self.out_dir / name
     self._keys = set()
     for path in [self.out_dir / INDEX_FILE, *self._part_files()]:
-      rows, torn = _read_rows(path)
+      rows, torn = files_lib.read_jsonl(path)
       self._keys.update(row_key(r) for r in rows)
       if torn and path == self.path:
         _write_rows(path, rows)  # drop the torn line before appending after it
@@ -270,10 +175,10 @@ class IndexWriter:
     new = [r for r in rows if row_key(r) not in self._keys]
     if not new:
       return 0
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in new)
+    text = files_lib.jsonl_text(new)
     if "://" in os.fspath(self.path):
       # Object stores have no append: rewrite the file (sampling writes few, large batches).
-      old, _ = _read_rows(self.path)
+      old = files_lib.read_jsonl(self.path).rows
       _write_rows(self.path, [*old, *new])
     else:
       with open(self.path, "a") as f:
@@ -293,7 +198,7 @@ def merge_index(out_dir: str | os.PathLike) -> int:
   parts = sorted(out_dir.glob("index.part-*.jsonl"))
   merged = {}
   for path in [out_dir / INDEX_FILE, *parts]:
-    for row in _read_rows(path)[0]:
+    for row in files_lib.read_jsonl(path).rows:
       merged.setdefault(row_key(row), row)
   _write_rows(out_dir / INDEX_FILE, [merged[k] for k in sorted(merged)])
   for path in parts:
@@ -302,4 +207,17 @@ def merge_index(out_dir: str | os.PathLike) -> int:
 
 
 def read_index(out_dir: str | os.PathLike) -> list[dict]:
-  return _read_rows(epath.Path(out_dir) / INDEX_FILE)[0]
+  """The rows of out_dir/index.jsonl, in file order.
+
+  UserError when the file is missing or has a line that is not JSON (a job cut short:
+  rerunning imagen-sample with the same --out_dir completes it).
+  """
+  path = epath.Path(out_dir) / INDEX_FILE
+  if not path.exists():
+    raise UserError(f"{os.fspath(path)!r} is missing; imagen-sample writes it next to the "
+                    "images (one row per image: prompt, stage, file)")
+  rows, torn = files_lib.read_jsonl(path)
+  if torn:
+    raise UserError(f"{os.fspath(path)!r} has a line that is not JSON (a sampling job cut "
+                    "short?); rerun imagen-sample with the same --out_dir to complete it")
+  return rows

@@ -54,6 +54,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from imagen_jax import files
 from imagen_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -113,12 +114,6 @@ def _sha256_file(path: epath.Path) -> str:
     while chunk := f.read(1 << 22):
       digest.update(chunk)
   return digest.hexdigest()
-
-
-def write_atomic(path: epath.Path, data: bytes) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
 
 
 def new_manifest(identity: Mapping[str, Any]) -> dict:
@@ -389,12 +384,10 @@ def _write_shard(root: epath.Path, name: str, items: Sequence[tuple[str, str]], 
   finally:
     writer.close()
   keys = b"".join(bytes.fromhex(key) for key, _ in items)
-  keys_tmp = root / (keys_name + ".tmp")
-  keys_tmp.write_bytes(keys)
+  files.write_atomic(root / keys_name, keys)
   entry = {"file": shard_name, "keys_file": keys_name, "count": len(items),
            "bytes": tmp.stat().length, "sha256": _sha256_file(tmp),
            "keys_sha256": hashlib.sha256(keys).hexdigest(), "truncated": truncated}
-  keys_tmp.replace(root / keys_name)
   tmp.replace(root / shard_name)
   return entry
 
@@ -447,7 +440,7 @@ def merge_parts(path: str | os.PathLike, identity: Mapping[str, Any]) -> dict:
   listings = _read_listings(root, identity)
   manifest = _union(listings, identity)
   if set(listings) != {MANIFEST}:
-    write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+    files.write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
     for name in listings:
       if name != MANIFEST:
         (root / name).unlink()
@@ -522,7 +515,7 @@ def build_cache(path: str | os.PathLike, captions: Iterable[str], encoder, *,
     listing, manifest = MANIFEST, merge_parts(root, identity)
   else:
     if process_index == 0 and not (root / MANIFEST).exists():
-      write_atomic(root / MANIFEST, json.dumps(new_manifest(identity), indent=1).encode())
+      files.write_atomic(root / MANIFEST, json.dumps(new_manifest(identity), indent=1).encode())
     listing = part_name(process_index)
     manifest = (_read_part(root / listing) if (root / listing).exists()
                 else new_manifest(identity))
@@ -542,7 +535,7 @@ def build_cache(path: str | os.PathLike, captions: Iterable[str], encoder, *,
                            encoder, bar.update if bar else (lambda n: None))
       manifest["shards"].append(entry)
       manifest["num_captions"] += entry["count"]
-      write_atomic(root / listing, json.dumps(manifest, indent=1).encode())
+      files.write_atomic(root / listing, json.dumps(manifest, indent=1).encode())
       stats["shards"] += 1
       stats["truncated"] += entry["truncated"]
       index += 1

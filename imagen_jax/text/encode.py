@@ -26,23 +26,12 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from imagen_jax.dtypes import as_dtype
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import rules
 from imagen_jax.text import t5
 from imagen_jax.text import vocab as vocab_lib
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def as_dtype(dtype) -> jnp.dtype:
-  """'float32' / 'bfloat16' (as gin configs write them) or a jnp dtype."""
-  if isinstance(dtype, str):
-    if dtype not in _DTYPES:
-      raise UserError(f"text encoder dtype {dtype!r} unknown; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-  return jnp.dtype(dtype)
-
 
 def _to_global(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
   """A global array from a host array that every process holds whole (the weights, and
@@ -96,7 +85,7 @@ class TextEncoder:
                         "text_encoder.vocab_path to the checkpoint's sentencepiece model")
     vocab_path = epath.Path(vocab_path)
     vocabulary = vocab_lib.load_vocabulary(vocab_path)
-    encoder = t5.load_encoder(t5_path, as_dtype(dtype))
+    encoder = t5.load_encoder(t5_path, as_dtype(dtype, "text encoder dtype"))
     return cls(encoder, vocabulary, vocab_sha256=vocab_lib.vocabulary_sha256(vocab_path),
                max_length=max_length, batch_size=batch_size, mesh=mesh, devices=devices)
 
@@ -166,5 +155,5 @@ def text_encoder(t5_path: str | None = None, vocab_path: str | None = None,
                     "Hugging Face directory with config.json, model.safetensors and "
                     "spiece.model)")
   return TextEncoder.load(t5_path, vocab_path=vocab_path, max_length=max_length,
-                          dtype=as_dtype(dtype), batch_size=batch_size, mesh=mesh,
-                          devices=devices)
+                          dtype=as_dtype(dtype, "text encoder dtype"), batch_size=batch_size,
+                          mesh=mesh, devices=devices)

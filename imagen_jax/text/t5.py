@@ -42,6 +42,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from imagen_jax import files
 from imagen_jax import weights as weight_io
 from imagen_jax.errors import UserError
 
@@ -482,15 +483,16 @@ def save_encoder(path: str | os.PathLike, module: T5Encoder,
   import safetensors.numpy
   path = epath.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(json.dumps(module.config.to_hf_json(), indent=2) + "\n")
+  files.write_atomic(path / "config.json",
+                     json.dumps(module.config.to_hf_json(), indent=2) + "\n")
   # safetensors writes local files only; build the bytes and write them through epath.
   data = safetensors.numpy.save(encoder_to_hf(module), metadata={"format": "np"})
-  (path / "model.safetensors").write_bytes(data)
+  files.write_atomic(path / "model.safetensors", data)
   if spiece_model is not None:
     source = epath.Path(spiece_model)
     if not source.exists():
       raise UserError(f"sentencepiece model {os.fspath(source)!r} does not exist")
-    (path / "spiece.model").write_bytes(source.read_bytes())
+    files.write_atomic(path / "spiece.model", source.read_bytes())
   return os.fspath(path)
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from etils import epath
 
+from imagen_jax import files
 from imagen_jax.errors import UserError
 
 DEFAULT_MAX_LENGTH = 128
@@ -113,9 +114,5 @@ def train_sentencepiece(texts: Iterable[str], model_path: str | os.PathLike,
   except RuntimeError as e:
     raise UserError(f"sentencepiece training failed (vocab_size={vocab_size}, "
                     f"model_type={model_type!r}): {e}") from e
-  path = epath.Path(model_path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(model.getvalue())
-  tmp.rename(path)
-  return os.fspath(path)
+  files.write_atomic(model_path, model.getvalue())
+  return os.fspath(model_path)

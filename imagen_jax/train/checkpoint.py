@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from imagen_jax import files, nn
 from imagen_jax.errors import UserError
 from imagen_jax.train import state as state_lib
 
@@ -107,7 +108,7 @@ def model_info(model: nnx.Module, params, *, loss_cfg, encoder: dict | None) -> 
       text_dim=int(model.text_dim), channels=int(getattr(model, "channels", 3)),
       objective=loss_cfg.objective, schedule=loss_cfg.schedule,
       aug_schedule=loss_cfg.aug_schedule, lowres_resize=loss_cfg.lowres_resize,
-      encoder=encoder, num_params=state_lib.count_params(params),
+      encoder=encoder, num_params=nn.param_count(params),
       param_shapes_sha256=param_shapes_digest(params))
 
 
@@ -125,10 +126,7 @@ def check_or_write_model_json(model_dir, info: ModelInfo, *, write: bool = True)
   path = epath.Path(model_dir) / "model.json"
   if old is None:
     if write:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.parent / "model.json.tmp"
-      tmp.write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
-      tmp.replace(path)
+      files.write_atomic(path, json.dumps(info.to_json(), indent=2, sort_keys=True))
     return
   diffs = [f"{k}: {getattr(old, k)!r} in the directory, {getattr(info, k)!r} now"
            for k in IDENTITY_KEYS if getattr(old, k) != getattr(info, k)]

@@ -21,6 +21,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from imagen_jax import files
 from imagen_jax.errors import UserError
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import state as state_lib
@@ -34,7 +35,7 @@ def flatten_params(params) -> dict[str, np.ndarray]:
 
 def export(model_dir, out_dir, *, step: int | None = None, use_ema: bool = True) -> dict:
   """Writes the safetensors file, model.gin and model.json; returns the model.json record."""
-  from safetensors.numpy import save_file
+  import safetensors.numpy
   model, info = ckpt_lib.load_for_inference(model_dir, step=step, use_ema=use_ema)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   tensors = flatten_params(params)
@@ -43,13 +44,13 @@ def export(model_dir, out_dir, *, step: int | None = None, use_ema: bool = True)
   record = info.to_json()
   record["exported"] = {"step": info.step, "params": "ema" if use_ema else "raw",
                         "from": os.fspath(model_dir)}
-  tmp = out / "model.safetensors.tmp"
-  save_file(tensors, os.fspath(tmp), metadata={"format": "imagen-jax",
-                                               "step": str(info.step),
-                                               "params": "ema" if use_ema else "raw"})
-  tmp.replace(out / "model.safetensors")
-  (out / "model.gin").write_text(info.model_gin)
-  (out / "model.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+  # safetensors writes local files only; build the bytes and write them through epath.
+  data = safetensors.numpy.save(tensors, metadata={"format": "imagen-jax",
+                                                   "step": str(info.step),
+                                                   "params": "ema" if use_ema else "raw"})
+  files.write_atomic(out / "model.safetensors", data)
+  files.write_atomic(out / "model.gin", info.model_gin)
+  files.write_atomic(out / "model.json", json.dumps(record, indent=2, sort_keys=True))
   return record
 
 

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imagen_jax import config
+from imagen_jax import images as images_lib
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
@@ -539,16 +540,13 @@ def _sample_grid(sampler, state, pipeline, batch_size, mesh) -> np.ndarray:
     lowres = np.asarray(lowres)
     reps = samples.shape[1] // lowres.shape[1]
     rows.insert(0, lowres.repeat(reps, axis=1).repeat(reps, axis=2))
-  grid = metrics_lib.image_grid(np.concatenate(rows, axis=0), cols=samples.shape[0])
   zoom = max(1, -(-64 // samples.shape[1]))  # tiny images: enlarge (nearest) to >= 64 px
-  return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+  return np.asarray(images_lib.make_grid(np.concatenate(rows, axis=0), pad=0,
+                                         columns=samples.shape[0],
+                                         cell_size=zoom * samples.shape[1]))
 
 
 def _write_grid(model_dir, step, grid, writer) -> None:
-  from PIL import Image
-  out = epath.Path(model_dir) / "samples"
-  out.mkdir(parents=True, exist_ok=True)
-  with (out / f"step_{step:08d}.png").open("wb") as f:
-    Image.fromarray(grid).save(f, format="PNG")
+  images_lib.write_png(epath.Path(model_dir) / "samples" / f"step_{step:08d}.png", grid)
   writer.write_images(step, {"samples": grid[None]})
 

@@ -105,18 +105,6 @@ def console_line(step: int, total: int, scalars: dict) -> str:
   return "  ".join(parts)
 
 
-def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-  """uint8 [N, H, W, C] -> one uint8 [rows*H, cols*W, C] image."""
-  n, h, w, c = images.shape
-  cols = cols or int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / cols))
-  grid = np.full((rows * h, cols * w, c), 255, np.uint8)
-  for i, img in enumerate(images):
-    r, q = divmod(i, cols)
-    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-  return grid
-
-
 def to_uint8(x) -> np.ndarray:
   """float [-1, 1] -> uint8 [0, 255]."""
   x = np.asarray(x, np.float32)

@@ -50,7 +50,7 @@ def gin_settings(batch_size: int | None = None) -> dict:
           "micro_batches": config.binding("train.micro_batches", 1) or 1,
           "crop_size": config.binding("train.crop_size"),
           "text_length": config.macro("MAX_LENGTH", DEFAULT_TEXT_LENGTH),
-          "optimizer_name": config.binding("make_optimizer.name", "adam")}
+          "optimizer_name": optim.optimizer_name()}
 
 
 def bytes_per_device(shapes: Any, shardings: Any) -> int:
@@ -86,14 +86,15 @@ def _lowered_flops(lowered) -> float:
 
 def plan_training(mesh, *, batch_size: int | None = None, batch_source: str = "--batch",
                   micro_batches: int = 1, crop_size: int | None = None,
-                  text_length: int = DEFAULT_TEXT_LENGTH, optimizer_name: str = "adam",
+                  text_length: int = DEFAULT_TEXT_LENGTH,
+                  optimizer_name: str = optim.DEFAULT_OPTIMIZER,
                   compile_step: bool = True) -> dict:
   """Plans one train step of the model (`nn.abstract_model()`) and optimizer
   (`optim.make_optimizer()`) on `mesh`; `gin_settings()` gives a run's other values.
 
   `batch_size` is the global batch (None: one example per data-parallel shard); the other
   arguments are the run's `train.micro_batches`, `train.crop_size`, text length and the
-  optimizer's name (for the report). Raises UserError for a batch that the batch axes or
+  optimizer's name (`make_optimizer.name`: the optimizer whose state is planned). Raises UserError for a batch that the batch axes or
   the micro-batches do not divide.
   """
   dp = mesh_lib.data_parallel_size(mesh)
@@ -112,7 +113,7 @@ def plan_training(mesh, *, batch_size: int | None = None, batch_source: str = "-
   graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
   param_shardings = state_lib.param_shardings_from_nnx(params_state, mesh, state_shardings)
   params = nnx.to_pure_dict(params_state)
-  tx, lr_fn = optim.make_optimizer()
+  tx, lr_fn = optim.make_optimizer(optimizer_name)
   state_shapes = jax.eval_shape(lambda p: state_lib.init_train_state(p, tx, 0), params)
   state_shard = state_lib.train_state_shardings(state_shapes, param_shardings, mesh)
   batch = _abstract_batch(abstract, batch_size, text_length, crop_size)
@@ -137,7 +138,7 @@ def plan_training(mesh, *, batch_size: int | None = None, batch_source: str = "-
 
   param_bytes = bytes_per_device(state_shapes.params, state_shard.params)
   result = {
-      "params": state_lib.count_params(params),
+      "params": nn.param_count(params),
       "mesh": dict(mesh.shape),
       "devices": int(mesh.devices.size),
       "global_batch": int(batch_size),

@@ -150,5 +150,3 @@ def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
                       tree, shardings)
 
 
-def count_params(params: PyTree) -> int:
-  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))

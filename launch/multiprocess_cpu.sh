@@ -56,7 +56,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 command -v "${cmd[0]}" >/dev/null || die "command not found: '${cmd[0]}'"
 
 if [ -z "$port" ]; then
-  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')" \
+  # Outside the ephemeral range: no outgoing connection can take it before process 0 binds it.
+  port="$(python3 "$repo/imagen_jax/parallel/ports.py")" \
     || die "could not pick a free port; pass --port=P"
 fi
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$port'"

@@ -12,7 +12,8 @@
 # --process_index=i` with JAX_PLATFORMS=cpu and XLA_FLAGS asking for D simulated devices
 # (other XLA_FLAGS are kept), and without JAX's persistent compilation cache unless
 # JAX_ENABLE_COMPILATION_CACHE is set (see below). Its output lines are prefixed with
-# "[i] ". PORT defaults to a free port. Each process runs in its own process group.
+# "[i] ". PORT defaults to a free port outside the ephemeral range. Each process runs in its
+# own process group.
 #
 # Exit status: 0 when every process exits 0. As soon as one fails, the others are stopped
 # (SIGTERM to their process groups, SIGKILL after --grace seconds, default 2), one line
@@ -56,7 +57,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 command -v "${cmd[0]}" >/dev/null || die "command not found: '${cmd[0]}'"
 
 if [ -z "$port" ]; then
-  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')" \
+  # Outside the ephemeral range: no outgoing connection can take it before process 0 binds it.
+  port="$(python3 "$repo/imagen_jax/parallel/ports.py")" \
     || die "could not pick a free port; pass --port=P"
 fi
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$port'"

@@ -185,17 +185,16 @@ def test_sync_global_devices_is_a_no_op_with_one_process():
   hosts.sync_global_devices("test")
 
 
-def test_preemption_requested_after_sigterm_single_process(monkeypatch):
+def test_preemption_requested_after_sigterm_single_process():
   previous = signal.getsignal(signal.SIGTERM)
-  monkeypatch.setattr(hosts, "_sigterm_handler_installed", False)
-  monkeypatch.setattr(hosts, "_sigterm", hosts.threading.Event())
-  try:
-    assert not hosts.preemption_requested(0)  # installs the handler
+  with hosts.sigterm_requests_preemption():
+    assert not hosts.preemption_requested(0)
     os.kill(os.getpid(), signal.SIGTERM)
     assert hosts.preemption_requested(1)
     assert hosts.preemption_requested(2)  # stays set: the loop saves and exits
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+  assert signal.getsignal(signal.SIGTERM) == previous      # handler restored
+  with hosts.sigterm_requests_preemption():  # a new run starts unpreempted
+    assert not hosts.preemption_requested(0)
 
 
 # ---------------------------------------------------------------- checkpoint 4 -> 2 devices

@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+from imagen_jax.parallel import ports
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LAUNCHER = str(REPO / "launch" / "multiprocess_cpu.sh")
 SMOKE = [sys.executable, "-m", "imagen_jax.cli.smoke"]
@@ -105,7 +107,8 @@ def test_killed_process_stops_the_job_with_one_clear_line(tmp_path):
   elapsed = time.monotonic() - killed_at
   output = (tmp_path / "out.log").read_text()
   assert rc == 128 + signal.SIGKILL, output[-3000:]
-  assert elapsed < 15  # the grace period, not a heartbeat timeout or a hang
+  # The grace period, not the 100 s heartbeat timeout or a hang (margin for a loaded machine).
+  assert elapsed < 40
   assert output.strip().splitlines()[-1] == (
       f"multiprocess_cpu.sh: process 1 (pid {pids[1]}) was killed by signal 9 (SIGKILL); "
       "stopped the other 1 process(es)")
@@ -115,10 +118,7 @@ def test_killed_process_stops_the_job_with_one_clear_line(tmp_path):
 def test_without_launcher_jax_heartbeat_ends_the_survivor(tmp_path):
   """No watcher: process 1 raises after joining; JAX itself must end process 0 within the
   heartbeat timeout we configured (instead of waiting forever in a collective)."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = ports.coordinator_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
@@ -140,6 +140,7 @@ def test_without_launcher_jax_heartbeat_ends_the_survivor(tmp_path):
         p.kill()
   assert procs[0].returncode != 0
   print("survivor ended", elapsed, "s after the crash")
-  assert elapsed < 5 + 20, elapsed  # heartbeat timeout + detection margin
+  # The 5 s heartbeat timeout plus detection, well before the 60 s shutdown timeout.
+  assert elapsed < 45, elapsed
   assert "JAX distributed service detected fatal errors" in out0 or \
       "another task died" in out0, out0[-3000:]

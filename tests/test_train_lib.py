@@ -49,12 +49,12 @@ class TinyNet(nnx.Module):
 class FakePipeline:
   """Index-addressable synthetic batches: example i is a flat colour with a text embedding
   that encodes it, a pure function of i (like data.Pipeline). Optional per-step delay (for
-  kill tests), a NaN at a given step, and a callback per step."""
+  kill tests), NaN text embeddings at given steps, and a callback per step."""
 
   def __init__(self, batch_size, image_size=8, text_dim=8, length=4, lowres_size=None,
-               delay=0.0, nan_at_step=None, on_step=None):
+               delay=0.0, nan_steps=(), on_step=None):
     self.b, self.s, self.d, self.l, self.lo = batch_size, image_size, text_dim, length, lowres_size
-    self.delay, self.nan_at_step, self.on_step = delay, nan_at_step, on_step
+    self.delay, self.nan_steps, self.on_step = delay, set(nan_steps), on_step
 
   def host_batch(self, step):
     if self.on_step is not None:
@@ -66,7 +66,7 @@ class FakePipeline:
     img = np.broadcast_to(colours[:, None, None, :], (self.b, self.s, self.s, 3)).astype(np.uint8)
     emb = np.zeros((self.b, self.l, self.d), np.float32)
     emb[:, :, :3] = colours[:, None, :] / 127.5 - 1.0
-    if self.nan_at_step is not None and step == self.nan_at_step:
+    if step in self.nan_steps:
       emb[:] = np.nan
     out = {"image": np.ascontiguousarray(img), "text_emb": emb.astype(ml_dtypes.bfloat16),
            "text_mask": np.ones((self.b, self.l), bool), "index": idx}

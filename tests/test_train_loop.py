@@ -90,16 +90,40 @@ def test_time_limit_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, refere
     _train(tmp_path / "bad", max_minutes=0)
 
 
-def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
-  # The batch of step index 4 (the 5th step) carries NaN embeddings.
-  with pytest.raises(loop.TrainingDiverged, match=r"at step 5.*last good checkpoint "
-                     r"\(step 4\)"):
-    _train(tmp_path, lib.FakePipeline(BATCH, nan_at_step=4), tensorboard=False)
+def test_a_nonfinite_step_is_skipped_and_counted(tmp_path, reference):
+  """The batch of step index 4 (the 5th step) has NaN text embeddings, so a NaN loss: that
+  step changes nothing, is counted, and the run goes on."""
+  ref_dir, ref, _ = reference
+  out = _train(tmp_path, lib.FakePipeline(BATCH, nan_steps={4}), tensorboard=False,
+               checkpoint_every=1)
+  assert out["status"] == "done" and out["step"] == STEPS
+  by_step = {h["step"]: h for h in out["history"]}
+  assert [by_step[s]["nonfinite_steps"] for s in (4, 5, 6)] == [0, 1, 0]
+  assert np.isfinite(by_step[6]["loss"])
+
+  def params_at(model_dir, step, use_ema):
+    target = ckpt_lib.state_lib.abstract_like(ref.params)
+    return ckpt_lib.restore_params(model_dir, target, step=step, use_ema=use_ema)[0]
+
+  for ema in (False, True):  # steps 1-4 are the reference's; step 5 changed nothing
+    four = params_at(tmp_path, 4, ema)
+    assert lib.params_equal(four, params_at(ref_dir, 4, ema))
+    assert lib.params_equal(params_at(tmp_path, 5, ema), four)
+    assert not lib.params_equal(params_at(tmp_path, 6, ema), four)  # a real update again
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(out["state"])))
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
+  # Step indices 3 and 4 (steps 4 and 5) are NaN: two in a row stop the run at step 5.
+  with pytest.raises(loop.TrainingDiverged, match=r"2 steps in a row, up to step 5.*last "
+                     r"good checkpoint \(step 4\)"):
+    _train(tmp_path, lib.FakePipeline(BATCH, nan_steps={3, 4}), tensorboard=False,
+           max_nonfinite_steps=2)
   checkpointer = ckpt_lib.Checkpointer(tmp_path)
   assert checkpointer.all_steps() == [2, 4]
+  checkpointer.close()
   meta = json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())
   assert meta["step"] == 4 and np.isfinite(meta["loss"])
-  checkpointer.close()
 
 
 _KILL_SCRIPT = textwrap.dedent("""
@@ -172,3 +196,39 @@ def test_run_directory_files(reference):
   target = ckpt_lib.state_lib.abstract_like(ref.ema_params)
   ema, step = ckpt_lib.restore_params(model_dir, target, use_ema=True)
   assert step == STEPS and lib.params_equal(ema, ref.ema_params)
+
+
+def test_due():
+  assert [s for s in range(1, 10) if loop.due(s, 3)] == [3, 6, 9]
+  assert not any(loop.due(s, every) for s in range(1, 10) for every in (0, None, -1))
+
+
+def test_progress_bar_counts_finished_steps(tmp_path, monkeypatch):
+  """The bar advances when a step's metrics are fetched, one step behind the dispatch: when
+  the batch of step index k is loaded (steps 1..k dispatched), it shows k - 1 steps."""
+  import tqdm
+
+  class Bar:
+    def __init__(self, *args, initial=0, **kw):
+      self.n = initial
+      bars.append(self)
+
+    def update(self, n):
+      self.n += n
+
+    def write(self, line):
+      pass
+
+    def close(self):
+      pass
+
+  bars, seen = [], {}
+  monkeypatch.setattr(tqdm, "tqdm", Bar)
+
+  def on_step(k):
+    seen[k] = bars[0].n if bars else None
+
+  out = _train(tmp_path, lib.FakePipeline(BATCH, on_step=on_step), checkpoint_every=100,
+               log_every=100, val_every=0, progress=True, tensorboard=False)
+  assert out["step"] == STEPS and bars[0].n == STEPS
+  assert [seen[k] for k in range(2, STEPS)] == list(range(1, STEPS - 1))

@@ -114,14 +114,15 @@ def run_steps(mesh, workdir: str, steps: int, step_seconds: float) -> dict:
   x = hosts.host_local_to_global(global_batch(n)[hosts.process_rows(mesh, n)], mesh)
   total = jax.jit(jnp.sum)
   print(f"LOOP_STARTED pid={os.getpid()}", flush=True)
-  for step in range(steps):
-    float(total(x + step))  # a cross-process collective each step
-    if hosts.preemption_requested(step):
-      with checkpoint_manager(workdir) as manager:
-        manager.save(step, args=ocp.args.StandardSave(state_for(mesh, step)), force=True)
-        manager.wait_until_finished()
-      return {"preempted_at": step}
-    time.sleep(step_seconds)
+  with hosts.sigterm_requests_preemption():
+    for step in range(steps):
+      float(total(x + step))  # a cross-process collective each step
+      if hosts.preemption_requested(step):
+        with checkpoint_manager(workdir) as manager:
+          manager.save(step, args=ocp.args.StandardSave(state_for(mesh, step)), force=True)
+          manager.wait_until_finished()
+        return {"preempted_at": step}
+      time.sleep(step_seconds)
   return {"preempted_at": None}
 
 

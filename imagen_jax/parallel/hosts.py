@@ -35,6 +35,7 @@ the note on the compilation cache in launch/multiprocess_cpu.sh). See docs/multi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -129,13 +130,8 @@ def _running_on_cloud_tpu_vm() -> bool:
   return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
-def _get(args_or_kwargs: Any, name: str, default: Any = None) -> Any:
-  if args_or_kwargs is None:
-    return default
-  if isinstance(args_or_kwargs, Mapping):
-    value = args_or_kwargs.get(name, default)
-  else:
-    value = getattr(args_or_kwargs, name, default)
+def _get(opts: Mapping[str, Any], name: str, default: Any = None) -> Any:
+  value = opts.get(name)
   return default if value is None else value
 
 
@@ -262,11 +258,6 @@ def _current_info(method: str) -> DistributedInfo:
   state = distributed.global_state
   return DistributedInfo(process_index=state.process_id, process_count=state.num_processes,
                          method=method, coordinator_address=state.coordinator_address)
-
-
-def is_main_process() -> bool:
-  """True on process 0, the one that logs, writes metrics and sample grids."""
-  return jax.process_index() == 0
 
 
 # --------------------------------------------------------------------------------------
@@ -410,7 +401,6 @@ def sync_global_devices(name: str, timeout_s: float | None = None) -> None:
 
 
 _sigterm = threading.Event()
-_sigterm_handler_installed = False
 
 
 def _on_sigterm(signum, frame):
@@ -422,12 +412,27 @@ def _on_sigterm(signum, frame):
   logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting")
 
 
-def _install_sigterm_handler() -> None:
-  global _sigterm_handler_installed
-  if _sigterm_handler_installed or threading.current_thread() is not threading.main_thread():
+def _preemption_service_running() -> bool:
+  from jax._src import distributed  # no public getter
+  return distributed.global_state.preemption_sync_manager is not None
+
+
+@contextlib.contextmanager
+def sigterm_requests_preemption():
+  """Within it, SIGTERM makes `preemption_requested` return True; the previous handler is
+  back on exit. Single process only: with several, JAX's preemption service (started by
+  `jax.distributed.initialize`) owns SIGTERM, and outside the main thread Python allows no
+  handler; in both cases this does nothing."""
+  if _preemption_service_running() or threading.current_thread() is not threading.main_thread():
+    yield
     return
-  signal.signal(signal.SIGTERM, _on_sigterm)
-  _sigterm_handler_installed = True
+  _sigterm.clear()
+  previous = signal.signal(signal.SIGTERM, _on_sigterm)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    _sigterm.clear()
 
 
 def process0_decides(flag: bool) -> bool:
@@ -448,11 +453,9 @@ def preemption_requested(step: int) -> bool:
   SIGTERM; when any host receives one, all hosts agree on the next safe step and this
   returns True on that same step everywhere (`multihost_utils.reached_preemption_sync_
   point`), so every host saves the same step. All hosts must call it at every step.
-  Single process: the first call installs a SIGTERM handler (a second SIGTERM kills); it
-  returns True once the signal arrived.
+  Single process: True once SIGTERM arrived inside `sigterm_requests_preemption()` (a
+  second SIGTERM kills).
   """
-  from jax._src import distributed  # whether the preemption service is running
-  if distributed.global_state.preemption_sync_manager is not None:
+  if _preemption_service_running():
     return bool(multihost_utils.reached_preemption_sync_point(int(step)))
-  _install_sigterm_handler()
   return _sigterm.is_set()

@@ -240,7 +240,7 @@ def load_for_inference(model_dir, step: int | None = None, use_ema: bool = True,
   """
   from imagen_jax import nn as nn_lib  # noqa: F401  (registers the model configurables)
   from imagen_jax.parallel import mesh as mesh_lib
-  from imagen_jax.parallel import rules
+  from imagen_jax.train import initial_state  # it builds on this module
 
   model_dir = epath.Path(model_dir)
   info = read_model_json(model_dir)
@@ -256,15 +256,11 @@ def load_for_inference(model_dir, step: int | None = None, use_ema: bool = True,
   def create():
     return nn_lib.create_model(rngs=nnx.Rngs(params=0, dropout=0))
 
-  with state_lib.no_eager_sharding():
-    abstract = nnx.eval_shape(create)
-  graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-  shardings = state_lib.param_shardings_from_nnx(abstract_params, mesh, rules.state_shardings)
-  target = state_lib.abstract_like(nnx.to_pure_dict(abstract_params), shardings)
-  params, step = restore_params(model_dir, target, step=step, use_ema=use_ema)
-  rest = model_rest_state(create)
-  model = state_lib.merge_model(graphdef, params, rest)
-  return model, dataclasses.replace(info, step=int(step), model_gin=model_gin, use_ema=use_ema)
+  loaded = initial_state.setup_initial_state(create, mesh, init_from=model_dir,
+                                             init_from_ema=use_ema, step=step)
+  model = state_lib.merge_model(loaded.graphdef, loaded.params, loaded.rest)
+  return model, dataclasses.replace(info, step=int(loaded.step), model_gin=model_gin,
+                                    use_ema=use_ema)
 
 
 

@@ -1,6 +1,8 @@
 """The training loop of one cascade stage: setup, resume, steps, checkpoints, metrics.
 
-One flat function, `train`, in big_vision's spirit. Everything it needs comes from gin
+`train` reads top to bottom, in big_vision's spirit: mesh, model layout, data, run
+directory, initial state (`initial_state.setup_initial_state`: resume, INIT_FROM or fresh),
+the compiled step, then `_run_steps`. Everything comes from gin
 (gin_configs/runs/train.gin binds its arguments to the required macros MODEL_DIR,
 TRAIN_STEPS, DATASET and BATCH_SIZE); tests call it directly with a tiny model and
 in-memory data.
@@ -10,20 +12,24 @@ EMA, step, root RNG); the data of step k is `pipeline.host_batch(k)`; the step k
 fold_in(root, k). So a run resumed from the checkpoint of step k does exactly what the
 uninterrupted run did (same compiled program on the same mesh: bit-identical parameters).
 
-Stopping: SIGTERM sets a flag that the loop checks after every step; on it the loop saves
-a checkpoint and returns (preemptible TPU VMs send SIGTERM). With several processes the
-same check is `multihost_utils.reached_preemption_sync_point`, so every host stops at the
-same step. A non-finite loss or gradient norm stops the run with an error naming the step,
-before any save: the last good checkpoint is never overwritten by a bad state.
+Stopping: SIGTERM (one process) or JAX's preemption service (several) makes
+`hosts.preemption_requested` true at the same step everywhere; the loop then saves a
+checkpoint and returns (preemptible TPU VMs send SIGTERM). A step whose loss or gradient
+norm is not finite changes nothing (`step.skip_unless`) and is counted (`nonfinite_steps`);
+after `max_nonfinite_steps` such steps in a row the run stops with an error naming the
+step, without saving: the last good checkpoint stays the latest.
+
+Progress: step k's metrics are fetched once step k+1 is queued, so the device never idles,
+and the tqdm bar advances when a step has finished: it shows real steps/s.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -35,16 +41,16 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagen_jax import config
+from imagen_jax import config, files
 from imagen_jax import images as images_lib
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import hosts
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.parallel import rules
 from imagen_jax.sample import stage as stage_lib
 from imagen_jax.train import checkpoint as ckpt_lib
+from imagen_jax.train import initial_state as initial_lib
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train import optim
 from imagen_jax.train import state as state_lib
@@ -54,54 +60,24 @@ from imagen_jax.text import cache as cache_lib
 log = logging.getLogger(__name__)
 
 TRAIN_KEYS = ("image", "lowres", "text_emb", "text_mask")
+EVAL_KEYS = TRAIN_KEYS + ("index",)
+TIME_CHECK_EVERY = 10  # steps between checks of train.max_minutes
 
 
 class TrainingDiverged(UserError):
-  """A non-finite loss or gradient norm; the message names the step and the kept checkpoint."""
+  """Too many non-finite steps in a row; the message names the step and the kept checkpoint."""
 
 
-# ----------------------------------------------------------------------------- stopping
-
-TIME_CHECK_EVERY = 10  # steps between checks of train.max_minutes
+def due(step: int, every: int | None) -> bool:
+  """Whether a periodic action (every `every` steps) runs after `step`; never for 0/None.
+  (big_vision's `itstime`.)"""
+  return bool(every) and every > 0 and step % every == 0
 
 
 def _past(deadline: float) -> bool:
   """Whether time.monotonic() passed `deadline`, on process 0's clock (every process must
   stop at the same step)."""
   return hosts.process0_decides(time.monotonic() >= deadline)
-
-
-class PreemptionWatch:
-  """SIGTERM -> stop at the next step boundary (one mechanism for one host and many).
-
-  With one process a signal handler sets a flag. With several, JAX's preemption service
-  (set up by `jax.distributed.initialize`) receives the signal on any host and
-  `reached_preemption_sync_point(step)` returns True on all hosts at the same step.
-  """
-
-  def __init__(self):
-    self.flag = False
-    self._previous = None
-    self.multi_process = jax.process_count() > 1
-
-  def _handler(self, signum, frame):  # pylint: disable=unused-argument
-    self.flag = True
-
-  def __enter__(self):
-    if not self.multi_process and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def requested(self, step: int) -> bool:
-    if self.multi_process:
-      from jax.experimental import multihost_utils
-      return bool(multihost_utils.reached_preemption_sync_point(step))
-    return self.flag
 
 
 # ----------------------------------------------------------------------------- data
@@ -122,11 +98,180 @@ def open_cache(path, text_dim: int):
   return cache
 
 
-def global_batch(host_batch: dict, shardings: dict, global_size: int) -> dict:
-  """This host's rows -> one global jax.Array per feature, batch split over (data, fsdp)."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v),
-                                                    (global_size,) + np.shape(v)[1:])
-          for k, v in host_batch.items() if k in shardings}
+def to_global(host_batch: dict, mesh, keys=TRAIN_KEYS) -> dict:
+  """This host's rows of the named features -> global jax.Arrays, batch over (data, fsdp)."""
+  return hosts.host_local_to_global({k: v for k, v in host_batch.items() if k in keys}, mesh)
+
+
+def _open_data(model, *, dataset, val_dataset, embedding_cache, batch_size, seed,
+               crop_size, max_length, pipeline, val_pipeline, need_val: bool):
+  """-> (pipeline, val_pipeline or None, text encoder identity or None)."""
+  make_val = val_pipeline is None and bool(val_dataset) and need_val
+  cache = None
+  if pipeline is None or make_val:  # the cache joins captions to their T5 embeddings
+    cache = open_cache(embedding_cache, int(model.text_dim))
+  max_length = max_length or (int(cache.manifest["max_length"]) if cache else None)
+
+  def make(spec):
+    return pipeline_lib.Pipeline(
+        spec, cache, image_size=int(model.image_size),
+        lowres_size=getattr(model, "lowres_size", None), crop_size=crop_size,
+        global_batch_size=batch_size, seed=seed, max_length=max_length,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  if pipeline is None:
+    if not dataset:
+      raise UserError("DATASET is not set; e.g. --gin.DATASET=\"'shapes'\"")
+    pipeline = make(dataset)
+  if make_val:
+    val_pipeline = make(val_dataset)
+  return pipeline, val_pipeline, (cache.manifest.get("encoder") if cache else None)
+
+
+def _batches(pipeline, start: int):
+  """Host batches from step `start` on, prepared ahead in a background thread when the
+  pipeline can."""
+  if hasattr(pipeline, "iter_batches"):
+    yield pipeline.host_batch(start)
+    yield from pipeline.iter_batches(start + 1, prefetch=2)
+  else:
+    yield from (pipeline.host_batch(k) for k in itertools.count(start))
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def _check_settings(*, batch_size, micro_batches, mesh, max_minutes, max_nonfinite_steps):
+  if max_minutes is not None and max_minutes <= 0:
+    raise UserError(f"train.max_minutes must be > 0 (or None for no time limit), got "
+                    f"{max_minutes}")
+  if max_nonfinite_steps < 1:
+    raise UserError(f"train.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+  dp = mesh_lib.data_parallel_size(mesh)
+  if batch_size % dp:
+    raise UserError(f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size "
+                    f"{dp} (mesh {dict(mesh.shape)}: data x fsdp); use a multiple of {dp}")
+  if (batch_size // dp) % micro_batches:
+    raise UserError(f"the per-device batch {batch_size // dp} is not divisible by "
+                    f"micro_batches={micro_batches}; change BATCH_SIZE or micro_batches")
+  if batch_size % jax.process_count():
+    raise UserError(f"BATCH_SIZE={batch_size} is not divisible by the "
+                    f"{jax.process_count()} processes")
+
+
+def _make_mesh(mesh_shape, num_devices):
+  if num_devices is not None and jax.process_count() > 1:
+    raise UserError("train.num_devices only applies to single-process runs; leave it None")
+  return hosts.global_mesh(mesh_shape, devices=(None if num_devices is None
+                                                else jax.devices()[:num_devices]))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """The compiled train step and its cost: FLOPs per step as run (`hardware_flops`, with
+  rematerialisation) and without recomputation (`model_flops`, for MFU)."""
+  fn: Callable
+  compile_s: float
+  model_flops: float | None
+  hardware_flops: float | None
+  remat: bool
+
+
+def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> CompiledStep:
+  """Lowers and compiles the jitted step (state donated) for the first batch's shapes."""
+  replicated = NamedSharding(mesh, P())
+  batch = to_global(first_batch, mesh)
+  batch_sh = {k: v.sharding for k, v in batch.items()}
+  step_kw = dict(loss_cfg=loss_cfg, lr_fn=lr, micro_batches=micro_batches,
+                 batch_sharding=functools.partial(mesh_lib.batch_sharding, mesh))
+  jit_kw = dict(in_shardings=(init.state_shardings, batch_sh),
+                out_shardings=(init.state_shardings, replicated))
+
+  def jitted(no_remat=False, **kw):
+    fn = step_lib.make_train_step(init.graphdef, init.rest, tx, no_remat=no_remat, **step_kw)
+    return jax.jit(lambda s, b: fn(s, b, step_lib.step_key(s.rng, s.step)), **jit_kw, **kw)
+
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = jitted(donate_argnums=(0,)).lower(init.state, batch)
+    compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  if jax.process_count() > 1:
+    # Processes compile at different speeds (only process 0 writes the compilation cache);
+    # meet here so that the first step's collectives do not hit gloo's 30 s connect limit.
+    hosts.sync_global_devices("train_step_compiled")
+  hardware = model = metrics_lib.cost_flops(lowered)
+  remat = any(getattr(m, "remat", False) for _, m in nnx.iter_modules(init.model))
+  if remat:  # model FLOPs = the same step without recomputation
+    with jax.set_mesh(mesh):
+      model = metrics_lib.cost_flops(jitted(no_remat=True).lower(init.state, batch))
+  log.info("compiled the train step in %.1fs; %.3g model FLOPs/step", compile_s,
+           model or float("nan"))
+  return CompiledStep(compiled, compile_s, model, hardware, remat)
+
+
+def _peak_flops(given: float | None, model_flops: float | None) -> float | None:
+  if given is not None or not model_flops:
+    return given
+  on_cpu = jax.default_backend() == "cpu"  # accelerators need big matmuls to peak
+  return metrics_lib.measured_peak_flops(jnp.float32 if on_cpu else jnp.bfloat16,
+                                         n=1024 if on_cpu else 8192)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class MetricsReporter:
+  """Each finished step's metrics in; every flush, their means with throughput, MFU and
+  the count of skipped (non-finite) steps out to the metric writer.
+
+  Time spent outside training steps (validation, samples) is `exclude`d from steps/s.
+  `consecutive_nonfinite` counts the skipped steps since the last finite one.
+  """
+
+  def __init__(self, writer, *, batch_size: int, num_devices: int, step: CompiledStep,
+               peak: float | None, pipeline=None):
+    self.writer, self.batch_size, self.num_devices = writer, batch_size, num_devices
+    self.pipeline = pipeline  # its decode_failures (undecodable images replaced) are logged
+    self.flops, self.peak = step, peak
+    self.pending: list[dict] = []
+    self.since = time.perf_counter()
+    self.last: dict[str, Any] = {"compile_s": step.compile_s}
+    self.history: list[dict] = []
+    self.consecutive_nonfinite = 0
+
+  def add(self, metrics: dict) -> None:
+    self.pending.append(metrics)
+    skipped = metrics.get("nonfinite", 0.0) > 0
+    self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
+
+  def exclude(self, seconds: float) -> None:
+    self.since += seconds
+
+  def flush(self, step: int) -> dict:
+    """Writes the means since the last flush at `step`; -> those scalars ({} if none)."""
+    if not self.pending:
+      return {}
+    elapsed = time.perf_counter() - self.since
+    steps_per_s = len(self.pending) / elapsed if elapsed > 0 else float("nan")
+    # Means over the finite steps only; with none, the last finite values stand.
+    good = [m for m in self.pending if not m.get("nonfinite")]
+    scalars = {k: float(np.mean([m[k] for m in good])) for k in (good[-1] if good else ())
+               if k != "nonfinite"}
+    scalars["learning_rate"] = float(self.pending[-1]["learning_rate"])
+    scalars["nonfinite_steps"] = float(sum(m.get("nonfinite", 0.0) for m in self.pending))
+    scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * self.batch_size)
+    util = functools.partial(metrics_lib.utilisation, steps_per_s=steps_per_s,
+                             peak_per_device=self.peak, num_devices=self.num_devices)
+    scalars["mfu"] = util(self.flops.model_flops)
+    if self.flops.remat:
+      scalars["hfu"] = util(self.flops.hardware_flops)
+    scalars["decode_failures"] = float(getattr(self.pipeline, "decode_failures", 0)) or None
+    scalars = {k: v for k, v in scalars.items() if v is not None}
+    self.writer.write_scalars(step, scalars)
+    self.pending.clear()
+    self.since = time.perf_counter()
+    self.last.update(scalars)
+    self.history.append({"step": step, **scalars})
+    return scalars
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -144,15 +289,15 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           sample_steps: int = 64, sample_method: str = "ddim", guidance_scale: float = 3.0,
           init_from: str | None = None, init_from_ema: bool = False,
           peak_flops_per_device: float | None = None, stop_after: int | None = None,
-          max_minutes: float | None = None,
-          progress: bool = True, tensorboard: bool = True, loss_cfg: step_lib.LossConfig | None = None,
+          max_minutes: float | None = None, max_nonfinite_steps: int = 20,
+          progress: bool = True, tensorboard: bool = True,
+          loss_cfg: step_lib.LossConfig | None = None,
           create_model_fn: Callable | None = None, pipeline=None,
           val_pipeline=None) -> dict:
   """Trains one stage for `train_steps` optimizer steps in total (resuming if MODEL_DIR has
   a checkpoint) and returns {"state", "step", "status" ("done", "preempted" or
-  "time_limit"), "metrics"
-  (the last values), "history" (every logged interval), "compile_s", "model_flops",
-  "peak_flops"}.
+  "time_limit"), "metrics" (the last values), "history" (every logged interval),
+  "compile_s", "model_flops", "peak_flops", "num_devices"}.
 
   Args (gin: `train.NAME`):
     model_dir: run directory (checkpoints/, config.gin, model.gin, model.json, tb/, samples/).
@@ -168,7 +313,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     crop_size: SR stages trained on random crops of this side (Imagen 256->1024 on crops).
     max_length: text length L (default: the cache's max_length).
     checkpoint_every, keep_checkpoints, async_checkpoint: orbax CheckpointManager settings.
-    log_every: steps between metric lines/summaries (also where NaNs are checked).
+    log_every: steps between metric lines/summaries.
     val_every, val_batches: validation loss at fixed noise levels every val_every steps.
     sample_every, num_samples, sample_steps, sample_method, guidance_scale: a grid of EMA
       samples for the first num_samples validation (else training) captions.
@@ -180,6 +325,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       setup and compilation included; checked every TIME_CHECK_EVERY steps, on process 0's
       clock. A time budget for runs whose machine speed is unknown (the quickstart);
       running again continues to train_steps exactly as if it had not stopped.
+    max_nonfinite_steps: stop with TrainingDiverged after this many consecutive steps whose
+      loss or gradient norm is not finite (each such step is skipped: no update).
     progress: show a tqdm bar (process 0).
     tensorboard: write TensorBoard summaries under MODEL_DIR/tb (else metrics are logged).
     loss_cfg: LossConfig (default from gin).
@@ -187,31 +334,14 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       (anything with `host_batch(step)` is a pipeline).
   """
   started = time.monotonic()
-  if max_minutes is not None and max_minutes <= 0:
-    raise UserError(f"train.max_minutes must be > 0 (or None for no time limit), got "
-                    f"{max_minutes}")
   loss_cfg = (loss_cfg or step_lib.LossConfig()).validate()
-  process_index, process_count = jax.process_index(), jax.process_count()
-  is_main = process_index == 0
+  is_main = jax.process_index() == 0
   model_dir = epath.Path(model_dir)
+  mesh = _make_mesh(mesh_shape, num_devices)
+  _check_settings(batch_size=batch_size, micro_batches=micro_batches, mesh=mesh,
+                  max_minutes=max_minutes, max_nonfinite_steps=max_nonfinite_steps)
 
-  # ---- mesh and batch layout
-  if num_devices is not None and process_count > 1:
-    raise UserError("train.num_devices only applies to single-process runs; leave it None")
-  mesh = mesh_lib.make_mesh(mesh_shape, devices=(None if num_devices is None
-                                                 else jax.devices()[:num_devices]))
-  dp = mesh_lib.data_parallel_size(mesh)
-  if batch_size % dp:
-    raise UserError(f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size "
-                    f"{dp} (mesh {dict(mesh.shape)}: data x fsdp); use a multiple of {dp}")
-  if (batch_size // dp) % micro_batches:
-    raise UserError(f"the per-device batch {batch_size // dp} is not divisible by "
-                    f"micro_batches={micro_batches}; change BATCH_SIZE or micro_batches")
-  if batch_size % process_count:
-    raise UserError(f"BATCH_SIZE={batch_size} is not divisible by the {process_count} "
-                    "processes")
-
-  # ---- model (abstract first: nothing allocated before the shardings are known)
+  # The model, abstract first: nothing allocated before the shardings are known.
   if create_model_fn is None:
     from imagen_jax import nn as nn_lib
     create_model_fn = nn_lib.create_model
@@ -219,265 +349,245 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   def create():  # a fresh Rngs per call: it is mutated while the model is built
     return create_model_fn(rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
-  with state_lib.no_eager_sharding():
-    abstract_model = nnx.eval_shape(create)
-  graphdef, abstract_params_state, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-  param_sh = state_lib.param_shardings_from_nnx(abstract_params_state, mesh,
-                                                rules.state_shardings)
-  params_shapes = nnx.to_pure_dict(abstract_params_state)
-
-  # ---- data
-  cache = None
-  make_val = val_pipeline is None and bool(val_dataset) and bool(val_every or sample_every)
-  if pipeline is None or make_val:  # the cache joins captions to their T5 embeddings
-    cache = open_cache(embedding_cache, int(abstract_model.text_dim))
-  max_length = max_length or (int(cache.manifest["max_length"]) if cache else None)
-  encoder = cache.manifest.get("encoder") if cache is not None else None
-
-  def make_pipeline(spec):
-    return pipeline_lib.Pipeline(
-        spec, cache, image_size=int(abstract_model.image_size),
-        lowres_size=getattr(abstract_model, "lowres_size", None), crop_size=crop_size,
-        global_batch_size=batch_size, seed=seed, max_length=max_length,
-        process_index=process_index, process_count=process_count)
-
-  if pipeline is None:
-    if not dataset:
-      raise UserError("DATASET is not set; e.g. --gin.DATASET=\"'shapes'\"")
-    pipeline = make_pipeline(dataset)
-  if make_val:
-    val_pipeline = make_pipeline(val_dataset)
-
-  # ---- run directory identity
-  info = ckpt_lib.model_info(abstract_model, params_shapes, loss_cfg=loss_cfg,
+  layout = initial_lib.abstract_layout(create, mesh)
+  pipeline, val_pipeline, encoder = _open_data(
+      layout.model, dataset=dataset, val_dataset=val_dataset,
+      embedding_cache=embedding_cache, batch_size=batch_size, seed=seed,
+      crop_size=crop_size, max_length=max_length, pipeline=pipeline,
+      val_pipeline=val_pipeline, need_val=bool(val_every or sample_every))
+  info = ckpt_lib.model_info(layout.model, layout.params_shapes, loss_cfg=loss_cfg,
                              encoder=encoder)
   ckpt_lib.check_or_write_model_json(model_dir, info, write=is_main)
-
-  # ---- optimizer and state
   tx, lr = optim.make_optimizer()
-  state_shapes = jax.eval_shape(lambda p: state_lib.init_train_state(p, tx, seed),
-                                params_shapes)
-  state_sh = state_lib.train_state_shardings(state_shapes, param_sh, mesh)
-  replicated = NamedSharding(mesh, P())
-
-  with state_lib.no_eager_sharding():
-    init_params = jax.jit(lambda: state_lib.split_model(create())[1:],
-                          out_shardings=(param_sh, jax.tree.map(lambda _: replicated,
-                                                                abstract_rest)))
   checkpointer = ckpt_lib.Checkpointer(model_dir, save_every=checkpoint_every,
                                        keep=keep_checkpoints, async_save=async_checkpoint)
-  latest = checkpointer.latest_step()
-  with jax.set_mesh(mesh), state_lib.no_eager_sharding():
-    if latest is not None:
-      state, meta = checkpointer.restore(state_lib.abstract_like(state_shapes, state_sh))
-      rest = ckpt_lib.model_rest_state(create)
-      log.info("resumed from %s at step %d", checkpointer.directory, latest)
-    else:
-      params, rest = init_params()
-      ema = None
-      if init_from:
-        source = ckpt_lib.read_model_json(init_from)
-        if source is None:
-          raise UserError(f"INIT_FROM={init_from!r} has no model.json; point it at a "
-                          "MODEL_DIR written by imagen-train")
-        if source.param_shapes_sha256 != info.param_shapes_sha256:
-          raise UserError(f"INIT_FROM={init_from!r} holds a {source.model_class} with "
-                          f"{source.num_params} parameters of other shapes than this "
-                          f"{info.model_class} ({info.num_params}); use the same "
-                          "model config as that run")
-        target = state_lib.abstract_like(params_shapes, param_sh)
-        params, from_step = ckpt_lib.restore_params(init_from, target, use_ema=False)
-        if init_from_ema:
-          ema, _ = ckpt_lib.restore_params(init_from, target, step=from_step, use_ema=True)
-        log.info("initialised from %s step %d", init_from, from_step)
-      state = jax.jit(lambda p, e: _fresh_state(p, e, tx, seed), out_shardings=state_sh)(
-          params, ema)
-
-  # ---- the step
-  def shard_of(ndim):
-    return mesh_lib.batch_sharding(mesh, ndim)
-
-  start_step = int(jax.device_get(state.step))
+  init = initial_lib.setup_initial_state(create, mesh, tx=tx, seed=seed,
+                                         checkpointer=checkpointer, init_from=init_from,
+                                         init_from_ema=init_from_ema, layout=layout)
+  start_step = int(jax.device_get(init.state.step))
   if start_step >= train_steps:
     checkpointer.close()
-    log.info("MODEL_DIR is already at step %d >= TRAIN_STEPS=%d; nothing to do", start_step,
-             train_steps)
-    return {"state": state, "step": start_step, "status": "done", "metrics": {},
+    log.info("MODEL_DIR is already at step %d >= TRAIN_STEPS=%d", start_step, train_steps)
+    return {"state": init.state, "step": start_step, "status": "done", "metrics": {},
             "history": [], "compile_s": 0.0, "model_flops": None, "peak_flops": None}
-  first = pipeline.host_batch(start_step)
-  batch_sh = {k: shard_of(np.ndim(v)) for k, v in first.items() if k in TRAIN_KEYS}
-  step_kw = dict(loss_cfg=loss_cfg, lr_fn=lr, micro_batches=micro_batches,
-                 batch_sharding=shard_of)
-  train_step = step_lib.make_train_step(graphdef, rest, tx, **step_kw)
-
-  def with_step_key(fn):
-    def run(state, batch):
-      return fn(state, batch, step_lib.step_key(state.rng, state.step))
-    return run
-
-  jit_kw = dict(in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated))
-  jitted = jax.jit(with_step_key(train_step), donate_argnums=(0,), **jit_kw)
-
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    batch = global_batch(first, batch_sh, batch_size)
-    lowered = jitted.lower(state, batch)
-    compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  if jax.process_count() > 1:
-    # Processes compile at different speeds (only process 0 writes the compilation cache);
-    # meet here so that the first step's collectives do not hit gloo's 30 s connect limit.
-    hosts.sync_global_devices("train_step_compiled")
-  hardware_flops = metrics_lib.cost_flops(lowered)
-  model_flops = hardware_flops
-  remat = any(getattr(m, "remat", False) for _, m in nnx.iter_modules(abstract_model))
-  if remat:  # model FLOPs = the same step without recomputation
-    no_remat = step_lib.make_train_step(graphdef, rest, tx, no_remat=True, **step_kw)
-    with jax.set_mesh(mesh):
-      model_flops = metrics_lib.cost_flops(
-          jax.jit(with_step_key(no_remat), **jit_kw).lower(state, batch))
-  peak = peak_flops_per_device
-  if peak is None and model_flops:
-    on_cpu = jax.default_backend() == "cpu"  # accelerators need big matmuls to peak
-    peak = metrics_lib.measured_peak_flops(jnp.float32 if on_cpu else jnp.bfloat16,
-                                           n=1024 if on_cpu else 8192)
-  log.info("compiled the train step in %.1fs; %.3g model FLOPs/step", compile_s,
-           model_flops or float("nan"))
-
-  # ---- validation and samples
-  eval_fn = None
-  if val_every and val_pipeline is not None:
-    eval_fn = _make_eval(graphdef, rest, loss_cfg, mesh)
-  sampler = None
-  if sample_every:
-    sampler = _make_sampler(graphdef, rest, info, mesh, min(num_samples, batch_size),
-                            sample_steps, sample_method, guidance_scale, seed)
-
-  if is_main:
-    config.write_operative_config(model_dir)
-    (model_dir / "model.gin").write_text(config.model_gin_str())
-  writer = metrics_lib.create_writer(model_dir, process_index=process_index,
-                                     tensorboard=tensorboard)
-  if is_main and start_step == 0:
-    writer.write_hparams({"batch_size": batch_size, "train_steps": train_steps,
-                          "num_params": info.num_params, "micro_batches": micro_batches,
-                          "mesh": str(dict(mesh.shape))})
-
-  # ---- loop
-  pending: list[tuple[int, dict]] = []
-  timer = {"t": time.perf_counter(), "steps": 0}
-  last: dict[str, Any] = {"compile_s": compile_s}
-  history: list[dict] = []
-
-  def flush(step: int) -> dict:
-    """Fetches pending metrics, stops on a non-finite value, writes the averages."""
-    if not pending:
-      return {}
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-      bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
-      if bad:
-        checkpointer.wait()
-        good = checkpointer.latest_step()
-        kept = (f"the last good checkpoint (step {good}) is kept in {checkpointer.directory}"
-                if good is not None else "no checkpoint was written")
-        raise TrainingDiverged(
-            f"{bad[0]} is {m[bad[0]]} at step {s}; training stopped and {kept}. Lower the "
-            "learning rate (lr_schedule.peak_lr), clip gradients harder "
-            "(make_optimizer.clip_norm) or resume from that checkpoint")
-    elapsed = time.perf_counter() - timer["t"]
-    steps_per_s = timer["steps"] / elapsed if elapsed > 0 else float("nan")
-    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-    scalars["learning_rate"] = float(fetched[-1]["learning_rate"])
-    scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * batch_size)
-    scalars["decode_failures"] = getattr(pipeline, "decode_failures", 0) or None  # if any
-    mfu = metrics_lib.utilisation(model_flops, steps_per_s, peak, mesh.devices.size)
-    if mfu is not None:
-      scalars["mfu"] = mfu
-    if remat:
-      scalars["hfu"] = metrics_lib.utilisation(hardware_flops, steps_per_s, peak,
-                                               mesh.devices.size)
-    writer.write_scalars(step, {k: v for k, v in scalars.items() if v is not None})
-    pending.clear()
-    timer.update(t=time.perf_counter(), steps=0)
-    return scalars
-
-  from tqdm import tqdm
-  bar = tqdm(total=train_steps, initial=start_step, disable=not (is_main and progress),
-             desc="train", unit="step", dynamic_ncols=True)
-  status = "done"
-  step = start_step
-  # Batches after the first, prepared ahead in a background thread when the pipeline can.
-  if hasattr(pipeline, "iter_batches"):
-    batches = pipeline.iter_batches(start_step + 1, prefetch=2)
-  else:
-    batches = (pipeline.host_batch(k) for k in itertools.count(start_step + 1))
+  batches = _batches(pipeline, start_step)
+  first = next(batches)
+  step_fn = _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first)
+  peak = _peak_flops(peak_flops_per_device, step_fn.model_flops)
+  run = _make_run(
+      init, step_fn, checkpointer, mesh=mesh, model_dir=model_dir, loss_cfg=loss_cfg,
+      pipeline=pipeline, val_pipeline=val_pipeline, peak=peak, seed=seed,
+      info=info, first_run=start_step == 0, settings=LoopSettings(
+          train_steps=train_steps, batch_size=batch_size, micro_batches=micro_batches,
+          checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every,
+          val_batches=val_batches, sample_every=sample_every, num_samples=num_samples,
+          sample_steps=sample_steps, sample_method=sample_method,
+          guidance_scale=guidance_scale, stop_after=stop_after, max_minutes=max_minutes,
+          max_nonfinite_steps=max_nonfinite_steps, progress=progress,
+          tensorboard=tensorboard, started=started))
   try:
-    with PreemptionWatch() as watch, jax.set_mesh(mesh):
-      while step < train_steps:
-        host = first if step == start_step else next(batches)
-        state, m = compiled(state, global_batch(host, batch_sh, batch_size))
-        step += 1
-        pending.append((step, m))
-        timer["steps"] += 1
-        bar.update(1)
-        out_of_time = (max_minutes is not None and step % TIME_CHECK_EVERY == 0
-                       and step < train_steps
-                       and _past(started + 60 * max_minutes))
-        stop = out_of_time or watch.requested(step) or (stop_after is not None
-                                                        and step - start_step >= stop_after)
-        if stop:
-          status = "time_limit" if out_of_time else "preempted"
-        save = stop or step == train_steps or step % checkpoint_every == 0
-        if save or step % log_every == 0:
-          scalars = flush(step)
-          if scalars:
-            last.update(scalars)
-            history.append({"step": step, **scalars})
-            if step % log_every == 0:
-              line = metrics_lib.console_line(step, train_steps, scalars)
-              (bar.write if is_main and progress else log.info)(line)
-        t_extra = time.perf_counter()  # validation/sampling time is not training time
-        if eval_fn is not None and step % val_every == 0:
-          val = _validate(eval_fn, state, val_pipeline, val_batches, batch_size, mesh)
-          writer.write_scalars(step, val)
-          last.update(val)
-          if is_main:
-            (bar.write if progress else log.info)(
-                metrics_lib.console_line(step, train_steps, val))
-        if sampler is not None and step % sample_every == 0:
-          source = val_pipeline if val_pipeline is not None else pipeline
-          grid = _sample_grid(sampler, state, source, batch_size, mesh)
-          if is_main:
-            _write_grid(model_dir, step, grid, writer)
-        timer["t"] += time.perf_counter() - t_extra
-        if save:
-          checkpointer.save(state, force=True,
-                            meta={"loss": last.get("loss"),
-                                  "status": status if stop else "periodic"})
-        if stop:
-          if out_of_time and is_main:
-            (bar.write if progress else log.info)(
-                f"train.max_minutes={max_minutes:g} reached: stopping at step {step} of "
-                f"{train_steps} (checkpoint saved; run again to continue)")
-          else:
-            log.info("stopping at step %d (checkpoint saved)", step)
-          break
+    state, step, status = _run_steps(run, init.state, start_step, itertools.chain([first],
+                                                                                  batches))
   finally:
     batches.close()
-    bar.close()
     checkpointer.close()
-    writer.flush()
-  return {"state": state, "step": step, "status": status, "metrics": last, "history": history,
-          "compile_s": compile_s, "model_flops": model_flops, "peak_flops": peak,
+    run.writer.flush()
+  return {"state": state, "step": step, "status": status, "metrics": run.reporter.last,
+          "history": run.reporter.history, "compile_s": step_fn.compile_s,
+          "model_flops": step_fn.model_flops, "peak_flops": peak,
           "num_devices": int(mesh.devices.size)}
 
 
-def _fresh_state(params, ema, tx, seed):
-  state = state_lib.init_train_state(params, tx, seed)
-  if ema is not None:
-    state = state.replace(ema_params=ema)
-  return state
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """`train`'s arguments that steer the loop once it is set up (see `train`)."""
+  train_steps: int
+  batch_size: int
+  micro_batches: int
+  checkpoint_every: int
+  log_every: int
+  val_every: int
+  val_batches: int
+  sample_every: int
+  num_samples: int
+  sample_steps: int
+  sample_method: str
+  guidance_scale: float
+  stop_after: int | None
+  max_minutes: float | None
+  max_nonfinite_steps: int
+  progress: bool
+  tensorboard: bool
+  started: float  # time.monotonic() when train() began (max_minutes counts from it)
+
+
+def _make_run(init, step_fn: CompiledStep, checkpointer, *, mesh, model_dir, loss_cfg,
+              pipeline, val_pipeline, peak, seed, info, first_run,
+              settings: LoopSettings) -> "_Run":
+  """The run's fixed parts: metric writer, reporter, validation and sample functions."""
+  c = settings
+  is_main = jax.process_index() == 0
+  writer = _open_run_dir(model_dir, tensorboard=c.tensorboard, first_run=first_run,
+                         hparams={"batch_size": c.batch_size, "train_steps": c.train_steps,
+                                  "num_params": info.num_params,
+                                  "micro_batches": c.micro_batches,
+                                  "mesh": str(dict(mesh.shape))})
+  eval_fn = sampler = None
+  if c.val_every and val_pipeline is not None:
+    eval_fn = _make_eval(init.graphdef, init.rest, loss_cfg, mesh)
+  if c.sample_every:
+    sampler = _make_sampler(init.graphdef, init.rest, info, mesh,
+                            min(c.num_samples, c.batch_size), c.sample_steps,
+                            c.sample_method, c.guidance_scale, seed)
+  periodic = functools.partial(
+      _periodic, eval_fn=eval_fn, val_every=c.val_every, val_batches=c.val_batches,
+      val_pipeline=val_pipeline, sampler=sampler, sample_every=c.sample_every,
+      sample_source=val_pipeline if val_pipeline is not None else pipeline,
+      batch_size=c.batch_size, model_dir=model_dir, mesh=mesh, writer=writer,
+      train_steps=c.train_steps)
+  return _Run(
+      mesh=mesh, step_fn=step_fn.fn, checkpointer=checkpointer, writer=writer,
+      reporter=MetricsReporter(writer, batch_size=c.batch_size,
+                               num_devices=mesh.devices.size, step=step_fn, peak=peak,
+                               pipeline=pipeline),
+      train_steps=c.train_steps, checkpoint_every=c.checkpoint_every,
+      log_every=c.log_every, stop_after=c.stop_after,
+      max_nonfinite_steps=c.max_nonfinite_steps,
+      deadline=None if c.max_minutes is None else c.started + 60 * c.max_minutes,
+      max_minutes=c.max_minutes, show=is_main and c.progress, is_main=is_main,
+      periodic=periodic)
+
+
+def _open_run_dir(model_dir, *, tensorboard: bool, first_run: bool, hparams: dict):
+  """Writes config.gin and model.gin (process 0) and opens the metric writer."""
+  is_main = jax.process_index() == 0
+  if is_main:
+    config.write_operative_config(model_dir)
+    files.write_atomic(model_dir / "model.gin", config.model_gin_str())
+  writer = metrics_lib.create_writer(model_dir, process_index=jax.process_index(),
+                                     tensorboard=tensorboard)
+  if is_main and first_run:
+    writer.write_hparams(hparams)
+  return writer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What `_run_steps` needs, fixed for the whole run."""
+  mesh: Any
+  step_fn: Callable
+  checkpointer: ckpt_lib.Checkpointer
+  writer: Any
+  reporter: MetricsReporter
+  train_steps: int
+  checkpoint_every: int
+  log_every: int
+  stop_after: int | None
+  max_nonfinite_steps: int
+  deadline: float | None
+  max_minutes: float | None
+  show: bool
+  is_main: bool
+  periodic: Callable  # (state, step, say) -> metrics of validation/sampling at that step
+
+
+def _stop_reason(run: _Run, step: int, start_step: int) -> str | None:
+  """"time_limit", "preempted" or None, the same on every process."""
+  if (run.deadline is not None and step % TIME_CHECK_EVERY == 0 and step < run.train_steps
+      and _past(run.deadline)):
+    return "time_limit"
+  if hosts.preemption_requested(step):
+    return "preempted"
+  if run.stop_after is not None and step - start_step >= run.stop_after:
+    return "preempted"
+  return None
+
+
+def _run_steps(run: _Run, state, start_step: int, batches) -> tuple[Any, int, str]:
+  """Steps from start_step to run.train_steps (or a stop) -> (state, step, status).
+
+  Step k+1 is dispatched before step k's metrics are fetched (the device always has
+  work queued); the bar advances when they arrive, so it counts finished steps.
+  """
+  from tqdm import tqdm
+  bar = tqdm(total=run.train_steps, initial=start_step, disable=not run.show, desc="train",
+             unit="step", dynamic_ncols=True)
+  say = bar.write if run.show else log.info
+  unfetched: list[tuple[int, Any]] = []
+
+  def fetch_finished():
+    for s, m in unfetched:
+      run.reporter.add(jax.device_get(m))
+      bar.update(1)
+      if run.reporter.consecutive_nonfinite >= run.max_nonfinite_steps:
+        raise _diverged(run, s)
+    unfetched.clear()
+
+  step, status = start_step, "done"
+  try:
+    with hosts.sigterm_requests_preemption(), jax.set_mesh(run.mesh):
+      while step < run.train_steps:
+        state, metrics = run.step_fn(state, to_global(next(batches), run.mesh))
+        step += 1
+        fetch_finished()  # the step before this one
+        unfetched.append((step, metrics))
+        stop = _stop_reason(run, step, start_step)
+        save = stop is not None or step == run.train_steps or due(step, run.checkpoint_every)
+        if save or due(step, run.log_every):
+          fetch_finished()
+          scalars = run.reporter.flush(step)
+          if scalars and due(step, run.log_every):
+            say(metrics_lib.console_line(step, run.train_steps, scalars))
+        t_extra = time.perf_counter()  # validation/sampling time is not training time
+        run.reporter.last.update(run.periodic(state, step, say if run.is_main else None))
+        run.reporter.exclude(time.perf_counter() - t_extra)
+        if save:
+          run.checkpointer.save(state, force=True,
+                                meta={"loss": run.reporter.last.get("loss"),
+                                      "status": stop or "periodic"})
+        if stop is not None:
+          status = stop
+          if stop == "time_limit":
+            say(f"train.max_minutes={run.max_minutes:g} reached: stopping at step {step} of "
+                f"{run.train_steps} (checkpoint saved; run again to continue)")
+          else:
+            log.info("stopping at step %d (checkpoint saved)", step)
+          break
+      fetch_finished()
+  finally:
+    bar.close()
+  return state, step, status
+
+
+def _diverged(run: _Run, step: int) -> TrainingDiverged:
+  """The error for `max_nonfinite_steps` skipped steps in a row, ending at `step`."""
+  run.checkpointer.wait()
+  good = run.checkpointer.latest_step()
+  kept = (f"the last good checkpoint (step {good}) is kept in {run.checkpointer.directory}"
+          if good is not None else "no checkpoint was written")
+  return TrainingDiverged(
+      f"the loss or gradient norm was not finite for {run.max_nonfinite_steps} steps in a "
+      f"row, up to step {step} (those steps were skipped); training stopped and {kept}. "
+      "Lower the learning rate (lr_schedule.peak_lr), clip gradients harder "
+      "(make_optimizer.clip_norm), check the data, or resume from that checkpoint")
+
+
+def _periodic(state, step, say, *, mesh, writer, eval_fn, val_every, val_batches,
+              val_pipeline, sampler, sample_every, sample_source, batch_size, model_dir,
+              train_steps) -> dict:
+  """Validation loss and the sample grid, when due at `step`; -> the validation metrics.
+  `say` prints a line on process 0 (None on the others, which write nothing)."""
+  out = {}
+  if eval_fn is not None and due(step, val_every):
+    out = _validate(eval_fn, state, val_pipeline, val_batches, mesh)
+    writer.write_scalars(step, out)
+    if say is not None:
+      say(metrics_lib.console_line(step, train_steps, out))
+  if sampler is not None and due(step, sample_every):
+    grid = _sample_grid(sampler, state, sample_source, batch_size, mesh)
+    if say is not None:
+      _write_grid(model_dir, step, grid, writer)
+  return out
 
 
 def _make_eval(graphdef, rest, loss_cfg, mesh):
@@ -485,17 +595,14 @@ def _make_eval(graphdef, rest, loss_cfg, mesh):
   return jax.jit(eval_step, out_shardings=NamedSharding(mesh, P()))
 
 
-def _validate(eval_fn, state, pipeline, num_batches, batch_size, mesh) -> dict:
+def _validate(eval_fn, state, pipeline, num_batches, mesh) -> dict:
   """Validation loss of params and EMA params over the first num_batches held-out batches,
   at the fixed noise levels of step.validation_levels."""
   out = {}
   for name, params in (("val_loss", state.params), ("val_loss_ema", state.ema_params)):
     sums, count = 0.0, 0.0
     for i in range(num_batches):
-      host = pipeline.host_batch(i)
-      shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in host.items()
-                   if k in TRAIN_KEYS or k == "index"}
-      s, c = eval_fn(params, global_batch(host, shardings, batch_size))
+      s, c = eval_fn(params, to_global(pipeline.host_batch(i), mesh, EVAL_KEYS))
       sums = sums + np.asarray(jax.device_get(s), np.float64)
       count += float(c)
     out[name] = float(np.sum(sums) / (count * len(sums)))

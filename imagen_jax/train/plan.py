@@ -33,8 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from imagen_jax import config, nn
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.parallel.rules import state_shardings
-from imagen_jax.train import optim, state as state_lib, step as step_lib
+from imagen_jax.train import initial_state, optim, state as state_lib, step as step_lib
 
 DEFAULT_TEXT_LENGTH = 128  # T5's default maximum caption length (text/vocab.py)
 
@@ -109,13 +108,13 @@ def plan_training(mesh, *, batch_size: int | None = None, batch_source: str = "-
     raise UserError(f"global batch {batch_size} over {dp} data-parallel shards does not "
                     f"split into train.micro_batches={micro}")
 
-  abstract = nn.abstract_model()  # raises UserError for an image size it cannot divide
-  graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
-  param_shardings = state_lib.param_shardings_from_nnx(params_state, mesh, state_shardings)
-  params = nnx.to_pure_dict(params_state)
   tx, lr_fn = optim.make_optimizer(optimizer_name)
-  state_shapes = jax.eval_shape(lambda p: state_lib.init_train_state(p, tx, 0), params)
-  state_shard = state_lib.train_state_shardings(state_shapes, param_shardings, mesh)
+  # Raises UserError for an image size the model cannot divide.
+  init = initial_state.setup_initial_state(
+      lambda: nn.create_model(rngs=nnx.Rngs(params=0, dropout=1)), mesh, tx=tx,
+      abstract=True)
+  abstract, graphdef, rest = init.model, init.graphdef, init.rest
+  params, state_shapes, state_shard = init.params_shapes, init.state, init.state_shardings
   batch = _abstract_batch(abstract, batch_size, text_length, crop_size)
   batch_shard = {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
   replicated = NamedSharding(mesh, P())

@@ -145,6 +145,15 @@ def _batch_size(batch) -> int:
   return jax.tree.leaves(batch)[0].shape[0]
 
 
+def skip_unless(finite, updated: TrainState, previous: TrainState) -> TrainState:
+  """`updated` where `finite`, else `previous`: a step whose loss or gradient is not finite
+  changes no parameter, optimizer moment or EMA (the step counter still advances, so the
+  next step sees the next batch). optax.apply_if_finite does this for the optimizer alone;
+  here the EMA must be held back too, and the optimizer state keeps its checkpoint layout.
+  The loop counts consecutive skips from the `nonfinite` metric."""
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+
+
 def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
                     loss_cfg: LossConfig, lr_fn: Callable | float,
                     ema_decay_fn: Callable = optim.ema_decay, micro_batches: int = 1,
@@ -159,6 +168,8 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
   Dropout masks (models with dropout) use fold_in(step key, micro-batch), so unlike the
   per-example draws they change with micro_batches.
   `no_remat` builds the step without rematerialisation (to count model FLOPs for MFU).
+  A non-finite loss or gradient norm skips the update (`skip_unless`); the metric
+  `nonfinite` is 1 for such a step.
   """
   loss_cfg.validate()
 
@@ -201,11 +212,14 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_fn(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=optim.ema_update(state.ema_params, params, decay))
+    updated = state.replace(params=params, opt_state=opt_state,
+                            ema_params=optim.ema_update(state.ema_params, params, decay))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = skip_unless(finite, updated, state).replace(step=state.step + 1)
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "learning_rate": optim.learning_rate_at(lr_fn, state.step),
-               "ema_decay": decay, "param_norm": optax.global_norm(params)}
+               "ema_decay": decay, "param_norm": optax.global_norm(new_state.params),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
   return train_step

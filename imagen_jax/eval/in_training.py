@@ -1,7 +1,8 @@
 """FID and CLIP score of EMA samples while a stage trains (`train.eval_every`).
 
-Every `eval_every` steps the trainer samples a fixed caption set with the EMA parameters
-(the same stage-sampling path as `imagen-sample`) and this module scores the images:
+Every `eval_every` steps the trainer samples the first `num_images` examples of the
+validation data (else the training data) with the EMA parameters, through the same
+stage-sampling path as `imagen-sample`, and this module scores the images:
 FID against given reference statistics (a pytorch-fid `.npz` of real images at the
 stage's resolution, e.g. from `imagen-eval reference`) and the CLIP score of each image
 against its caption. Both figures go to TensorBoard next to the loss as `eval/fid` and
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import gin
 import numpy as np
@@ -33,17 +34,14 @@ class TrainingEval:
     inception_weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or the same
       keys in safetensors); needed with reference_stats.
     clip_dir: a Hugging Face CLIP directory; None = no CLIP score.
-    captions: a prompts file (one caption per line); None = the first `num_images`
-      validation captions (else training captions). Every caption must be in the
-      embedding cache.
-    num_images: images sampled per evaluation (FID is biased upwards at small counts:
-      compare runs at the same count).
+    num_images: images sampled per evaluation, for the first num_images examples of the
+      validation data (else the training data): the same captions and seeds every time.
+      FID is biased upwards at small counts: compare runs at the same count.
     batch_size: images per Inception/CLIP batch.
   """
   reference_stats: str | None = None
   inception_weights: str | None = None
   clip_dir: str | None = None
-  captions: str | None = None
   num_images: int = 256
   batch_size: int = 50
 
@@ -93,16 +91,3 @@ class TrainingEvaluator:
     if self._scorer is not None:
       metrics["eval/clip_score"] = float(np.mean(self._scorer.pair_scores(images, captions)))
     return metrics
-
-
-def eval_captions(config: TrainingEval, fallback: Callable[[int], list[str]]) -> list[str]:
-  """The fixed caption set: the captions file, else `fallback(num_images)`."""
-  if config.captions:
-    from imagen_jax.sample import output
-    captions = output.read_prompts(config.captions)
-  else:
-    captions = fallback(config.num_images)
-  if not captions:
-    raise UserError("TrainingEval found no captions; set TrainingEval.captions")
-  reps = -(-config.num_images // len(captions))
-  return (list(captions) * reps)[:config.num_images]

@@ -287,7 +287,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           async_checkpoint: bool = True, log_every: int = 100, val_every: int = 0,
           val_batches: int = 2, sample_every: int = 0, num_samples: int = 8,
           sample_steps: int = 64, sample_method: str = "ddim", guidance_scale: float = 3.0,
-          init_from: str | None = None, init_from_ema: bool = False,
+          eval_every: int = 0, init_from: str | None = None, init_from_ema: bool = False,
           peak_flops_per_device: float | None = None, stop_after: int | None = None,
           max_minutes: float | None = None, max_nonfinite_steps: int = 20,
           progress: bool = True, tensorboard: bool = True,
@@ -317,6 +317,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     val_every, val_batches: validation loss at fixed noise levels every val_every steps.
     sample_every, num_samples, sample_steps, sample_method, guidance_scale: a grid of EMA
       samples for the first num_samples validation (else training) captions.
+    eval_every: FID and CLIP score of EMA samples every eval_every steps, as
+      `TrainingEval` (eval/in_training.py, gin) sets them (0 = off).
     init_from: another run's MODEL_DIR to fine-tune from (params; new optimizer state).
     init_from_ema: start the EMA from that run's EMA instead of from its params.
     peak_flops_per_device: for MFU; None measures a matmul's FLOP/s.
@@ -354,7 +356,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       layout.model, dataset=dataset, val_dataset=val_dataset,
       embedding_cache=embedding_cache, batch_size=batch_size, seed=seed,
       crop_size=crop_size, max_length=max_length, pipeline=pipeline,
-      val_pipeline=val_pipeline, need_val=bool(val_every or sample_every))
+      val_pipeline=val_pipeline, need_val=bool(val_every or sample_every or eval_every))
   info = ckpt_lib.model_info(layout.model, layout.params_shapes, loss_cfg=loss_cfg,
                              encoder=encoder)
   ckpt_lib.check_or_write_model_json(model_dir, info, write=is_main)
@@ -382,7 +384,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every,
           val_batches=val_batches, sample_every=sample_every, num_samples=num_samples,
           sample_steps=sample_steps, sample_method=sample_method,
-          guidance_scale=guidance_scale, stop_after=stop_after, max_minutes=max_minutes,
+          guidance_scale=guidance_scale, eval_every=eval_every, stop_after=stop_after,
+          max_minutes=max_minutes,
           max_nonfinite_steps=max_nonfinite_steps, progress=progress,
           tensorboard=tensorboard, started=started))
   try:
@@ -413,6 +416,7 @@ class LoopSettings:
   sample_steps: int
   sample_method: str
   guidance_scale: float
+  eval_every: int
   stop_after: int | None
   max_minutes: float | None
   max_nonfinite_steps: int
@@ -435,14 +439,21 @@ def _make_run(init, step_fn: CompiledStep, checkpointer, *, mesh, model_dir, los
   eval_fn = sampler = None
   if c.val_every and val_pipeline is not None:
     eval_fn = _make_eval(init.graphdef, init.rest, loss_cfg, mesh)
+  sample_source = val_pipeline if val_pipeline is not None else pipeline
   if c.sample_every:
     sampler = _make_sampler(init.graphdef, init.rest, info, mesh,
                             min(c.num_samples, c.batch_size), c.sample_steps,
                             c.sample_method, c.guidance_scale, seed)
+  training_eval = None
+  if c.eval_every:
+    training_eval = _make_training_eval(
+        _make_sampler(init.graphdef, init.rest, info, mesh, c.batch_size, c.sample_steps,
+                      c.sample_method, c.guidance_scale, seed),
+        sample_source, mesh, seed, c.batch_size)
   periodic = functools.partial(
       _periodic, eval_fn=eval_fn, val_every=c.val_every, val_batches=c.val_batches,
       val_pipeline=val_pipeline, sampler=sampler, sample_every=c.sample_every,
-      sample_source=val_pipeline if val_pipeline is not None else pipeline,
+      training_eval=training_eval, eval_every=c.eval_every, sample_source=sample_source,
       batch_size=c.batch_size, model_dir=model_dir, mesh=mesh, writer=writer,
       train_steps=c.train_steps)
   return _Run(
@@ -574,7 +585,7 @@ def _diverged(run: _Run, step: int) -> TrainingDiverged:
 
 def _periodic(state, step, say, *, mesh, writer, eval_fn, val_every, val_batches,
               val_pipeline, sampler, sample_every, sample_source, batch_size, model_dir,
-              train_steps) -> dict:
+              train_steps, training_eval=None, eval_every=0) -> dict:
   """Validation loss and the sample grid, when due at `step`; -> the validation metrics.
   `say` prints a line on process 0 (None on the others, which write nothing)."""
   out = {}
@@ -583,6 +594,12 @@ def _periodic(state, step, say, *, mesh, writer, eval_fn, val_every, val_batches
     writer.write_scalars(step, out)
     if say is not None:
       say(metrics_lib.console_line(step, train_steps, out))
+  if training_eval is not None and due(step, eval_every):
+    scores = training_eval(state)
+    writer.write_scalars(step, scores)
+    out.update(scores)
+    if say is not None:
+      say(metrics_lib.console_line(step, train_steps, scores))
   if sampler is not None and due(step, sample_every):
     grid = _sample_grid(sampler, state, sample_source, batch_size, mesh)
     if say is not None:
@@ -611,10 +628,11 @@ def _validate(eval_fn, state, pipeline, num_batches, mesh) -> dict:
 
 def _make_sampler(graphdef, rest, info, mesh, num_samples, num_steps, method,
                   guidance_scale, seed):
-  """jit(params, global batch) -> (uint8 samples, images, lowres or None) of the batch's
-  first num_samples examples, replicated (so process 0 can write them).
+  """jit(params, global batch, seeds=None) -> (uint8 samples, images, lowres or None) of the
+  batch's first num_samples examples, replicated (so process 0 can write them).
 
-  The samples are `imagen-sample`'s: example i is prompt i, sample 0 of root seed `seed`,
+  The samples are `imagen-sample`'s: example i is prompt i, sample 0 of root seed `seed`
+  (or has seed `seeds[i]` when given),
   sampled by `sample_stage` with `preview/SamplerSettings` (gin) and the method, steps and
   guidance scale given here; an SR stage super-resolves the example's own low-res image.
   """
@@ -624,10 +642,10 @@ def _make_sampler(graphdef, rest, info, mesh, num_samples, num_steps, method,
   seeds = np.asarray(stage_lib.image_seeds(seed, range(num_samples), [0] * num_samples),
                      np.uint32)
 
-  def run(params, batch):
+  def run(params, batch, row_seeds=seeds):
     batch = {k: v[:num_samples] for k, v in batch.items()}
     fn = step_lib.model_fn(state_lib.merge_model(graphdef, params, rest), train=False)
-    samples = stage_lib.sample_stage(fn, settings, info, seeds, 0,
+    samples = stage_lib.sample_stage(fn, settings, info, row_seeds, 0,
                                      text_emb=jnp.asarray(batch["text_emb"], jnp.float32),
                                      text_mask=batch["text_mask"], lowres=batch.get("lowres"))
     return conditioning.to_uint8_image(samples), batch["image"], batch.get("lowres")
@@ -635,13 +653,38 @@ def _make_sampler(graphdef, rest, info, mesh, num_samples, num_steps, method,
   return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
 
 
+def _make_training_eval(sampler, source, mesh, seed: int, batch_size: int):
+  """`run(state) -> {"eval/fid", "eval/clip_score"}`: EMA samples of the first
+  `TrainingEval.num_images` examples of `source` (fixed: the same captions and seeds at
+  every evaluation), scored by `eval.in_training` against their captions."""
+  from imagen_jax.eval import in_training
+  if jax.process_count() > 1:
+    raise UserError("train.eval_every runs in single-process training; score a checkpoint "
+                    "with imagen-sample and imagen-eval fid / clip_score instead")
+  config = in_training.TrainingEval()
+  evaluator = in_training.TrainingEvaluator(config, mesh=mesh)
+  num_batches = -(-config.num_images // batch_size)
+
+  def run(state) -> dict:
+    images, captions = [], []
+    for b in range(num_batches):
+      batch = source.host_batch(b)
+      seeds = np.asarray(stage_lib.image_seeds(seed, batch["index"].tolist(),
+                                               [0] * len(batch["index"])), np.uint32)
+      samples, _, _ = jax.device_get(sampler(state.ema_params,
+                                             to_global(batch, mesh, EVAL_KEYS), seeds))
+      images.extend(np.asarray(samples))
+      captions.extend(source.example(int(i))["caption"] for i in batch["index"])
+    n = config.num_images
+    return evaluator(images[:n], captions[:n])
+
+  return run
+
+
 def _sample_grid(sampler, state, pipeline, batch_size, mesh) -> np.ndarray:
   """Rows: [upsampled low-res input,] EMA samples, ground truth (fixed captions)."""
-  host = pipeline.host_batch(0)
-  shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in host.items()
-               if k in TRAIN_KEYS or k == "index"}
   samples, images, lowres = jax.device_get(
-      sampler(state.ema_params, global_batch(host, shardings, batch_size)))
+      sampler(state.ema_params, to_global(pipeline.host_batch(0), mesh, EVAL_KEYS)))
   rows = [samples, np.asarray(images)]
   if lowres is not None:
     lowres = np.asarray(lowres)

@@ -153,17 +153,29 @@ def is_statistics_file(path: str | os.PathLike) -> bool:
   return os.fspath(path).endswith(".npz")
 
 
-def statistics_of(path: str | os.PathLike, extractor: FeatureExtractor | None, *,
-                  stage: int | None = None, progress: bool = True
-                  ) -> tuple[Statistics, int | None]:
-  """((mu, sigma), number of images) of a `.npz` file (count None) or an image set."""
+def read_set(path: str | os.PathLike, stage: int | None = None
+             ) -> Statistics | images_lib.ImageFiles:
+  """The statistics in a `.npz` file, or the images of a folder or sample output (checked
+  to hold at least 2); cheap, so a command can check every input before the long work."""
   if is_statistics_file(path):
-    return load_statistics(path), None
+    return load_statistics(path)
   images, _ = images_lib.load_image_set(path, stage)
   if len(images) < 2:
     raise UserError(f"{os.fspath(path)} holds {len(images)} image; FID needs at least 2")
+  return images
+
+
+def statistics_of(path: str | os.PathLike, extractor: FeatureExtractor | None, *,
+                  stage: int | None = None, progress: bool = True,
+                  opened: Statistics | images_lib.ImageFiles | None = None
+                  ) -> tuple[Statistics, int | None]:
+  """((mu, sigma), number of images) of a `.npz` file (count None) or an image set.
+  `opened` is `read_set(path, stage)` when the caller already has it."""
+  opened = read_set(path, stage) if opened is None else opened
+  if isinstance(opened, tuple):
+    return opened, None
   if extractor is None:
     raise UserError(f"{os.fspath(path)} is an image set: pass --weights=FILE (pytorch-fid's "
                     "pt_inception-2015-12-05-6726825d.pth) to compute its statistics")
-  features = extractor(images, progress=progress, desc=os.fspath(path))
-  return feature_statistics(features), len(images)
+  features = extractor(opened, progress=progress, desc=os.fspath(path))
+  return feature_statistics(features), len(opened)

@@ -52,9 +52,9 @@ def main() -> int:
         f"{args.size}x{args.size} (batch {extractor.batch_size}; first batch with "
         f"compilation {compile_s:.1f} s); {cpu_seconds / n_timed:.2f} CPU-s per image "
         f"over {os.cpu_count()} cores (a loaded machine lowers images/s, not CPU-s)")
+  idle_minutes = args.n * cpu_seconds / n_timed / os.cpu_count() / 60
   print(f"FID-{args.n // 1000}K on this host: {args.n / rate / 60:.1f} min for the "
-        f"samples' features at this rate; {args.n * cpu_seconds / n_timed / os.cpu_count() / 60:.1f}"
-        " min with every core free (+ as long once for the reference statistics)")
+        f"samples' features at this rate; {idle_minutes:.1f} min with every core free (+ as long once for the reference statistics)")
   return 0
 
 

@@ -16,6 +16,8 @@ its own virtualenv, as in benchmarks/imagen_pytorch_compare.py):
    command does) and the FID; we compute them with `imagen_jax.eval` from both weight
    files. Targets: statistics within 1e-3 of their largest value, FID within 1%.
 4. pytorch-fid's `calculate_frechet_distance` also reads our `.npz` files.
+5. The torch reader on files torch wrote with every dtype and with views (a transpose, two
+   slices of one storage), in both formats.
 """
 
 from __future__ import annotations
@@ -59,6 +61,27 @@ def torch_weights(out: pathlib.Path, seed: int) -> dict:
   return state
 
 
+def torch_dtype_files(out: pathlib.Path) -> None:
+  """Tensors of every dtype and layout the reader handles, saved by torch in both
+  formats, and the values they must read as (float32 for bfloat16, which numpy lacks)."""
+  import collections
+  import torch
+  torch.manual_seed(1)
+  shared = torch.randn(20)
+  tensors = collections.OrderedDict(
+      f64=torch.randn(3, dtype=torch.float64), f32=torch.randn(2, 3),
+      f16=torch.randn(4).half(), bf16=torch.randn(2, 2).to(torch.bfloat16),
+      i64=torch.arange(5), i32=torch.arange(3, dtype=torch.int32),
+      u8=torch.arange(4, dtype=torch.uint8), b=torch.tensor([True, False]),
+      transposed=torch.randn(3, 5).t(), slice_a=shared[2:8].view(2, 3),
+      slice_b=shared[10:14], scalar=torch.tensor(3.5))
+  torch.save(tensors, out / "dtypes_zip.pth")
+  torch.save(tensors, out / "dtypes_legacy.pth", _use_new_zipfile_serialization=False)
+  np.savez(out / "dtypes_expected.npz",
+           **{k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+              for k, v in tensors.items()})
+
+
 def torch_worker(args) -> int:
   import torch
   # torchvision's compiled ops may not match the installed torch (a CPU torch beside a
@@ -67,6 +90,10 @@ def torch_worker(args) -> int:
   torch.library.register_fake = lambda *a, **k: (lambda fn: fn)
   from pytorch_fid import fid_score, inception
   torch.set_num_threads(args.threads)
+  if args.dtypes:
+    torch_dtype_files(pathlib.Path(args.work))
+    print(json.dumps({}))
+    return 0
   if args.their_fid:
     stats = [fid_score.compute_statistics_of_path(p, None, 50, 2048, "cpu")
              for p in args.their_fid]
@@ -135,6 +162,23 @@ def relative_error(ours_file: pathlib.Path, theirs_file: pathlib.Path) -> dict:
           for k in ("mu", "sigma")}
 
 
+def check_dtypes(args, out: pathlib.Path) -> bool:
+  from imagen_jax import weights
+  run_torch(args, "--dtypes")
+  expected = np.load(out / "dtypes_expected.npz")
+  ok = True
+  for fmt in ("zip", "legacy"):
+    got = weights.read_state_dict(out / f"dtypes_{fmt}.pth")
+    same = sorted(got) == sorted(expected.files) and all(
+        np.array_equal(got[k].astype(expected[k].dtype), expected[k])
+        and got[k].shape == expected[k].shape for k in expected.files)
+    print(f"torch reader, {fmt} file written by torch: {len(got)} tensors "
+          f"({', '.join(sorted({str(v.dtype) for v in got.values()}))}) "
+          f"{'equal' if same else 'DIFFERENT'}")
+    ok &= same
+  return ok
+
+
 def run_torch(args, *extra) -> dict:
   cmd = [args.torch_python, os.path.abspath(__file__), "--torch_worker", "--work",
          args.work, "--seed", str(args.seed), "--threads", str(args.threads), *extra]
@@ -154,6 +198,7 @@ def main() -> int:
   p.add_argument("--work", default="")
   p.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--their_fid", nargs=2, help=argparse.SUPPRESS)
+  p.add_argument("--dtypes", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.torch_worker:
     return torch_worker(args)
@@ -182,6 +227,7 @@ def main() -> int:
           + f"  ({mine['seconds_a']:.1f} s, {mine['seconds_b']:.1f} s)")
   cross = run_torch(args, "--their_fid", str(out / "ours_a.npz"), str(out / "ours_b.npz"))
   print(f"pytorch-fid on our .npz files: FID {cross['fid']:.6f}")
+  ok &= check_dtypes(args, out)
   print("PASS" if ok else "FAIL", f"(work files in {out})")
   return 0 if ok else 1
 

@@ -13,6 +13,7 @@ depend on them. Prints images/s and the projected time of the features of 30,000
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -41,16 +42,19 @@ def main() -> int:
   start = time.perf_counter()
   extractor(images[:extractor.batch_size], progress=False)
   compile_s = time.perf_counter() - start
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   extractor(images[extractor.batch_size:], progress=False)
-  seconds = time.perf_counter() - start
-  rate = extractor.batch_size * args.batches / seconds
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+  n_timed = extractor.batch_size * args.batches
+  rate = n_timed / seconds
   devices = jax.devices()
   print(f"{len(devices)} x {devices[0].device_kind}: {rate:.2f} images/s at "
         f"{args.size}x{args.size} (batch {extractor.batch_size}; first batch with "
-        f"compilation {compile_s:.1f} s)")
+        f"compilation {compile_s:.1f} s); {cpu_seconds / n_timed:.2f} CPU-s per image "
+        f"over {os.cpu_count()} cores (a loaded machine lowers images/s, not CPU-s)")
+  idle_minutes = args.n * cpu_seconds / n_timed / os.cpu_count() / 60
   print(f"FID-{args.n // 1000}K on this host: {args.n / rate / 60:.1f} min for the "
-        f"samples' features (+ as long once for the reference statistics)")
+        f"samples' features at this rate; {idle_minutes:.1f} min with every core free (+ as long once for the reference statistics)")
   return 0
 
 

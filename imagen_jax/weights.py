@@ -176,6 +176,9 @@ class _TensorRef:
 
   def to_numpy(self, file: str) -> np.ndarray:
     flat = self.storage.data
+    if flat is None:
+      raise UserError(f"{file} lacks the bytes of storage {self.storage.key}; the file is "
+                      "incomplete")
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
     if 0 not in self.size and (self.offset < 0 or last >= flat.size):
       raise UserError(f"{file} is corrupt: a tensor of shape {self.size} reaches element "

@@ -159,7 +159,7 @@ def test_padding_a_batch_never_changes_a_feature(extractor):
   photos = _photos(11, 24, seed=2)
   assert extractor.batch_size == 8
   alone = extractor(photos[:3], progress=False)      # 5 padded rows
-  together = extractor(photos, progress=False)        # 8 + 3 (5 padded rows)
+  together = extractor(photos)                         # 8 + 3 (5 padded rows)
   np.testing.assert_allclose(alone, together[:3], rtol=1e-5, atol=1e-6)
   assert alone.shape == (3, extractor.feature_dim) and np.isfinite(together).all()
   assert np.abs(together[3] - together[4]).max() > 1e-4  # features depend on the image

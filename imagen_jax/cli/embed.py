@@ -147,7 +147,7 @@ def run_embed(dataset: str | None = None, cache_dir: str | None = None,
   encoder = _encoder_on_local_devices()
   cache_path = epath.Path(cache_dir)
   cache_path.mkdir(parents=True, exist_ok=True)
-  main = hosts.is_main_process()
+  main = jax.process_index() == 0
   if main:
     gin_utils.write_operative_config(cache_path)  # records the encoder before any work
   logging.info("embedding %s with %r on %d device(s) of process %d/%d, batch %d",

@@ -78,18 +78,21 @@ def _run_fid(args: argparse.Namespace) -> None:
   if needs_network and not args.weights:
     raise UserError("--weights=FILE is required when a PATH is images: give pytorch-fid's "
                     "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+  # Every input is checked (files listed, statistics read) before the long work starts.
+  samples = fid_lib.read_set(args.samples, args.stage)
+  reference = fid_lib.read_set(args.reference)
   extractor = None
   if needs_network:
     model = inception.load_inception(args.weights)
     extractor = fid_lib.FeatureExtractor(model, batch_size=args.batch_size)
   progress = not args.no_progress
   (mu1, sigma1), n_samples = fid_lib.statistics_of(args.samples, extractor,
-                                                   stage=args.stage, progress=progress)
+                                                   progress=progress, opened=samples)
   if args.save_stats:
     fid_lib.save_statistics(args.save_stats, mu1, sigma1)
     print(f"wrote the statistics of {args.samples} to {args.save_stats}")
   (mu2, sigma2), n_reference = fid_lib.statistics_of(args.reference, extractor,
-                                                     progress=progress)
+                                                     progress=progress, opened=reference)
   value = fid_lib.frechet_distance(mu1, sigma1, mu2, sigma2)
   print(f"FID {value:.4f}  (samples: {n_samples or 'statistics'}, reference: "
         f"{n_reference or 'statistics'})")

@@ -28,7 +28,6 @@ from imagen_jax import files
 from imagen_jax.errors import UserError
 from imagen_jax.eval import images as images_lib
 from imagen_jax.eval.inception import InceptionV3
-from imagen_jax.parallel import hosts
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import rules
 
@@ -43,7 +42,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   diagonals and it is taken again; an imaginary part is dropped when the diagonal's is
   below 1e-3, and is an error otherwise.
   """
-  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+  mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -131,7 +131,7 @@ class FeatureExtractor:
     n = len(images)
     out = np.zeros((n, self.feature_dim), np.float32)
     bar = tqdm(total=n, desc=desc, unit="img",
-               disable=not progress or not hosts.is_main_process())
+               disable=not progress or not jax.process_index() == 0)
     first_shape = None
     for start in range(0, n, self.batch_size):
       stop = min(start + self.batch_size, n)
@@ -153,17 +153,29 @@ def is_statistics_file(path: str | os.PathLike) -> bool:
   return os.fspath(path).endswith(".npz")
 
 
-def statistics_of(path: str | os.PathLike, extractor: FeatureExtractor | None, *,
-                  stage: int | None = None, progress: bool = True
-                  ) -> tuple[Statistics, int | None]:
-  """((mu, sigma), number of images) of a `.npz` file (count None) or an image set."""
+def read_set(path: str | os.PathLike, stage: int | None = None
+             ) -> Statistics | images_lib.ImageFiles:
+  """The statistics in a `.npz` file, or the images of a folder or sample output (checked
+  to hold at least 2); cheap, so a command can check every input before the long work."""
   if is_statistics_file(path):
-    return load_statistics(path), None
+    return load_statistics(path)
   images, _ = images_lib.load_image_set(path, stage)
   if len(images) < 2:
     raise UserError(f"{os.fspath(path)} holds {len(images)} image; FID needs at least 2")
+  return images
+
+
+def statistics_of(path: str | os.PathLike, extractor: FeatureExtractor | None, *,
+                  stage: int | None = None, progress: bool = True,
+                  opened: Statistics | images_lib.ImageFiles | None = None
+                  ) -> tuple[Statistics, int | None]:
+  """((mu, sigma), number of images) of a `.npz` file (count None) or an image set.
+  `opened` is `read_set(path, stage)` when the caller already has it."""
+  opened = read_set(path, stage) if opened is None else opened
+  if isinstance(opened, tuple):
+    return opened, None
   if extractor is None:
     raise UserError(f"{os.fspath(path)} is an image set: pass --weights=FILE (pytorch-fid's "
                     "pt_inception-2015-12-05-6726825d.pth) to compute its statistics")
-  features = extractor(images, progress=progress, desc=os.fspath(path))
-  return feature_statistics(features), len(images)
+  features = extractor(opened, progress=progress, desc=os.fspath(path))
+  return feature_statistics(features), len(opened)

@@ -161,3 +161,34 @@ def test_sweep_command_samples_and_scores_each_weight(tmp_path, weights_file, cl
   assert (out / "fid_vs_clip.png").exists()
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["points"] == points
   assert eval_cli.main(argv) == 0 and len(calls) == 2  # resumed: nothing sampled again
+
+
+def test_train_eval_every_logs_fid_and_clip_score(tmp_path, weights_file, clip_dir):
+  import gin
+  import test_train_lib as lib
+  from imagen_jax.eval import in_training
+  from imagen_jax.eval import inception
+  from imagen_jax.train import loop
+
+  class Captioned(lib.FakePipeline):
+    def example(self, index):
+      return {"caption": f"a flat colour number {index % 97}"}
+
+  real = np.concatenate([Captioned(8).host_batch(k)["image"] for k in range(2)])
+  extractor = fid.FeatureExtractor(inception.load_inception(weights_file[0]), batch_size=8)
+  ref = tmp_path / "ref.npz"
+  fid.save_statistics(ref, *fid.feature_statistics(extractor(list(real), progress=False)))
+  gin.bind_parameter("TrainingEval.reference_stats", str(ref))
+  gin.bind_parameter("TrainingEval.inception_weights", str(weights_file[0]))
+  gin.bind_parameter("TrainingEval.clip_dir", str(clip_dir))
+  gin.bind_parameter("TrainingEval.num_images", 10)  # two batches of 8, the last cut
+  gin.bind_parameter("TrainingEval.batch_size", 8)
+  out = loop.train(model_dir=str(tmp_path / "run"), dataset=None, batch_size=8,
+                   train_steps=2, eval_every=2, sample_steps=2, log_every=1,
+                   checkpoint_every=2, progress=False, tensorboard=False,
+                   create_model_fn=lib.tiny_create(), pipeline=Captioned(8))
+  metrics = out["metrics"]
+  assert np.isfinite(metrics["eval/fid"]) and metrics["eval/fid"] > 0
+  assert 0 <= metrics["eval/clip_score"] <= 100
+  with pytest.raises(UserError, match="neither reference_stats"):
+    in_training.TrainingEval(reference_stats=None, clip_dir=None)

@@ -65,21 +65,21 @@ class TrainingEvaluator:
     self._extractor = None
     self._reference = None
     self._scorer = None
+    self._load()  # outside any mesh context: each network is placed by its own shardings
 
   def _load(self) -> None:
     from imagen_jax.eval import clip_score, fid, inception
-    if self.config.reference_stats and self._extractor is None:
+    if self.config.reference_stats:
       self._reference = fid.load_statistics(self.config.reference_stats)
       model = inception.load_inception(self.config.inception_weights)
       self._extractor = fid.FeatureExtractor(model, self.config.batch_size, mesh=self._mesh)
-    if self.config.clip_dir and self._scorer is None:
+    if self.config.clip_dir:
       self._scorer = clip_score.ClipScorer(self.config.clip_dir,
                                            batch_size=self.config.batch_size,
-                                           mesh=self._mesh)
+                                           mesh=self._mesh, progress=False)
 
   def __call__(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> dict:
     from imagen_jax.eval import fid
-    self._load()
     metrics = {}
     if self._extractor is not None:
       features = self._extractor(images, progress=False)

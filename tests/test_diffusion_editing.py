@@ -107,3 +107,20 @@ def test_inpaint_transform_keeps_the_known_region():
   final = diffusion.sample(model, x0, jnp.array([-2.0, 0.0, jnp.inf]), method="ddim",
                            x0_transform=diffusion.inpaint_transform(image, mask))
   np.testing.assert_array_equal(np.where(mask == 0, final, 0), np.where(mask == 0, image, 0))
+
+
+@pytest.mark.parametrize("method", ["ddim", "dpmpp_2m"])
+def test_start_index_runs_the_tail_of_the_grid(method):
+  """Starting at index k equals sampling the grid log_snrs[k:] from the same state; each
+  example of a batch follows its own start."""
+  model = functools.partial(optimal, objective="eps", mu=0.5, s=0.7)
+  grid = jnp.append(diffusion.log_snr_grid(diffusion.cosine_log_snr, 12)[:-1], jnp.inf)
+  x = jax.random.normal(jax.random.key(3), (3, 2))
+  starts = jnp.array([0, 4, 9])
+  batched = diffusion.sample(model, x, grid, method=method, start_index=starts)
+  for b, k in enumerate(np.asarray(starts)):
+    tail = diffusion.sample(model, x[b:b + 1], grid[k:], method=method)
+    np.testing.assert_allclose(batched[b:b + 1], tail, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(
+      diffusion.sample(model, x, grid, method=method, start_index=jnp.zeros(3, int)),
+      diffusion.sample(model, x, grid, method=method))

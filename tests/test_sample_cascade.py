@@ -418,3 +418,72 @@ def test_aug_level_noises_the_lowres_input_at_sampling_time(cascade):
       assert np.abs(out_a - out_b).max() <= 1
     else:
       assert np.abs(out_a - out_b).mean() > 2.0
+
+
+def _edit_image(size=12, seed=0):
+  return np.random.RandomState(seed).randint(0, 256, (size, size, 3)).astype(np.uint8)
+
+
+def test_inpainting_keeps_the_known_region_at_every_stage(cascade):
+  """GLIDE's sampling-time inpainting: at every stage the kept (black) region of the output
+  is the image resized to that stage (<= 2/255), the rest depends on the seed."""
+  image = _edit_image()
+  mask = np.zeros((12, 12), np.uint8)
+  mask[:, 6:] = 255                      # regenerate the right half
+  prompts = PROMPTS[:2]
+  runs = [cascade(prompts, seed=s, init_images=[image] * 2, masks=[mask] * 2) for s in (1, 2)]
+  edit = cascade_lib.Edit(image=image, mask=mask)
+  for k, stage in enumerate(cascade.stages):
+    size = stage.image_size
+    keep = edit.mask_at(size)[..., 0] == 0
+    assert 0 < keep.sum() < size * size
+    expected = output.fit_image(image, size).astype(int)
+    for out in runs:
+      for p in range(2):
+        assert np.abs(out[k][p, 0].astype(int) - expected)[keep].max() <= 2, (k, p)
+    regenerated = np.abs(runs[0][k].astype(int) - runs[1][k])[:, 0][:, ~keep]
+    assert regenerated.mean() > 2.0, k
+
+
+def test_sdedit_strength_sets_the_distance_to_the_image(cascade):
+  image = _edit_image(8, seed=3)
+  prompts = [PROMPTS[0]] * 3
+  plain = cascade(prompts, seed=4, stop_at_stage=1)[0]
+  out = cascade(prompts, seed=4, stop_at_stage=1, init_images=[image] * 3,
+                strength=[1.0, 0.6, 0.3])[0]
+  # Strength 1 is plain text-to-image with the same seed.
+  np.testing.assert_array_equal(out[0], plain[0])
+  dist = [np.abs(out[p, 0].astype(int) - image).mean() for p in range(3)]
+  assert dist[0] > dist[1] > dist[2], dist
+
+
+def test_negative_prompts(cascade):
+  prompts = PROMPTS[:3]
+  plain = cascade(prompts, seed=6, stop_at_stage=1)[0]
+  # An empty negative prompt is the dropped caption: today's behaviour.
+  empty = cascade(prompts, seed=6, stop_at_stage=1, negative_prompts="")[0]
+  np.testing.assert_array_equal(empty, plain)
+  # Negative == the prompt: both halves of CFG agree, so the guided model is the
+  # conditional one (guidance scale 1).
+  same = cascade(prompts, seed=6, stop_at_stage=1, negative_prompts=prompts)[0]
+  unguided = _with_scale(cascade, 1.0)(prompts, seed=6, stop_at_stage=1)[0]
+  assert np.abs(same.astype(int) - unguided).max() <= 1
+  assert np.abs(same.astype(int) - plain).mean() > 1.0
+
+
+def _with_scale(c, scale):
+  s = c.stages[0]
+  stage = cascade_lib.LoadedStage(dataclasses.replace(s.config, guidance_scale=scale),
+                                  s.model, s.info)
+  return cascade_lib.Cascade([stage, *c.stages[1:]], c.text, mesh=c.mesh)
+
+
+def test_bad_edits_are_one_line_errors():
+  image = _edit_image()
+  with pytest.raises(UserError, match="mask of size"):
+    cascade_lib.Edit(image=image, mask=np.zeros((5, 12), np.uint8))
+  for bad in (0.0, 1.5):
+    with pytest.raises(UserError, match="strength"):
+      cascade_lib.Edit(image=image, strength=bad)
+  with pytest.raises(UserError, match="needs its image"):
+    cascade_lib.Edit(strength=0.5)

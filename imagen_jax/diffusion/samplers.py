@@ -42,7 +42,16 @@ def _posterior_terms(lam_t, lam_s):
   return alpha_s, sigma_s, sigma_t, jnp.exp(lam_t - lam_s), -jnp.expm1(lam_t - lam_s)
 
 
-def ddpm(denoise: Denoiser, x, log_snrs, noise: NoiseFn):
+def _active(i, start, x):
+  """Whether step i runs for each example: all examples without `start`, else those whose
+  start index [B] is <= i (SDEdit, Meng et al. 2021: each starts on the tail of the grid);
+  shaped to broadcast against x."""
+  if start is None:
+    return True
+  return (i >= start).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def ddpm(denoise: Denoiser, x, log_snrs, noise: NoiseFn, start=None):
   """Ancestral sampling (Ho et al. 2020, Algorithm 2) with the posterior q(x_s | x_t, x0)
   in log-SNR form (Kingma et al. 2021, VDM eq. 28-30 / appendix A.1):
     mu = (alpha_t / alpha_s) (sigma_s^2 / sigma_t^2) x_t + alpha_s c x0_hat
@@ -55,11 +64,11 @@ def ddpm(denoise: Denoiser, x, log_snrs, noise: NoiseFn):
     alpha_s, sigma_s, sigma_t, snr_ratio, c = _posterior_terms(lam_t, lam_s)
     mean = jnp.sqrt(snr_ratio) * (sigma_s / sigma_t) * x + alpha_s * c * x0
     x_next = mean + sigma_s * jnp.sqrt(c) * noise(i)
-    return jnp.where(jnp.isinf(lam_s), x0, x_next)
+    return jnp.where(_active(i, start, x), jnp.where(jnp.isinf(lam_s), x0, x_next), x)
   return jax.lax.fori_loop(0, log_snrs.shape[0] - 1, step, x)
 
 
-def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0):
+def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0, start=None):
   """DDIM (Song et al. 2020, eq. 12) in log-SNR form:
     x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c_eta^2) eps_hat + c_eta z,
     c_eta^2 = eta^2 * var,  var = sigma_s^2 c the DDPM posterior variance (Song et al. eq. 16).
@@ -78,17 +87,18 @@ def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0):
     x_next = alpha_s * x0 + sigma_s * jnp.sqrt((1.0 - eta2) + eta2 * snr_ratio) * eps
     if noise is not None:
       x_next = x_next + eta * sigma_s * jnp.sqrt(c) * noise(i)
-    return jnp.where(jnp.isinf(lam_s), x0, x_next)
+    return jnp.where(_active(i, start, x), jnp.where(jnp.isinf(lam_s), x0, x_next), x)
   return jax.lax.fori_loop(0, log_snrs.shape[0] - 1, step, x)
 
 
-def dpmpp_2m(denoise: Denoiser, x, log_snrs):
+def dpmpp_2m(denoise: Denoiser, x, log_snrs, start=None):
   """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), in the half-log-SNR
   lambda = log(alpha / sigma) = log_snr / 2 of that paper; k-diffusion's `sample_dpmpp_2m`
   is the same method in its sigma parameterisation. With h = lambda_s - lambda_t:
     x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) D,
     D = (1 + 1/(2r)) x0_hat_i - 1/(2r) x0_hat_{i-1},  r = h_{i-1} / h_i,
   with D = x0_hat_i (first order, = DDIM) on the first step and on a last step to +inf.
+  With per-example `start` indices an example's first step is its own start.
   """
   def step(i, carry):
     x, x0_prev = carry
@@ -96,12 +106,15 @@ def dpmpp_2m(denoise: Denoiser, x, log_snrs):
     lam_prev = log_snrs[jnp.maximum(i - 1, 0)]
     x0, _ = denoise(x, lam_t)
     alpha_s, sigma_s, sigma_t, _, _ = _posterior_terms(lam_t, lam_s)
-    second_order = (i > 0) & jnp.isfinite(lam_s)
+    first = 0 if start is None else start.reshape((-1,) + (1,) * (x.ndim - 1))
+    second_order = (i > first) & jnp.isfinite(lam_s)
     h = jnp.where(jnp.isfinite(lam_s), lam_s - lam_t, 1.0) / 2
     r = jnp.where(second_order, (lam_t - lam_prev) / 2 / h, 1.0)
     d = jnp.where(second_order, (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev, x0)
     x_next = (sigma_s / sigma_t) * x - alpha_s * jnp.expm1(-h) * d
-    return jnp.where(jnp.isinf(lam_s), x0, x_next), x0
+    active = _active(i, start, x)
+    return (jnp.where(active, jnp.where(jnp.isinf(lam_s), x0, x_next), x),
+            jnp.where(active, x0, x0_prev))
   x, _ = jax.lax.fori_loop(0, log_snrs.shape[0] - 1, step, (x, jnp.zeros_like(x)))
   return x
 
@@ -169,7 +182,7 @@ def _check_grid(log_snrs):
 
 
 def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str = "eps",
-           x0_transform=None, eta=0.0):
+           x0_transform=None, eta=0.0, start_index=None):
   """Runs the reverse process from x_init at log_snrs[0] to log_snrs[-1].
 
   Args:
@@ -182,6 +195,10 @@ def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str 
     objective: what model_fn predicts: "eps", "v" (Salimans & Ho 2022) or "x0".
     x0_transform: applied to every x0_hat (e.g. `dynamic_threshold`, Saharia et al. 2022 §2.3).
     eta: DDIM stochasticity (Song et al. 2020 eq. 16); only for method="ddim".
+    start_index: per-example int [B]: example b starts at log_snrs[start_index[b]] (x_init
+      is then its state there, e.g. `q_sample(image, log_snrs[k], noise)` for SDEdit, Meng
+      et al. 2021) and skips the steps before; None = every example starts at 0. One
+      batched program whatever the starts: skipped steps leave x unchanged.
 
   Returns:
     x at log_snrs[-1], float32, shape of x_init.
@@ -200,8 +217,9 @@ def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str 
   x = jnp.asarray(x_init, jnp.float32)
   denoise = _denoiser(model_fn, x.shape[0], objective, x0_transform)
   noise = _noise_fn(rng, x.shape) if rng is not None else None
+  start = None if start_index is None else jnp.asarray(start_index, jnp.int32)
   if method == "ddpm":
-    return ddpm(denoise, x, log_snrs, noise)
+    return ddpm(denoise, x, log_snrs, noise, start)
   if method == "ddim":
-    return ddim(denoise, x, log_snrs, noise if needs_rng else None, eta)
-  return dpmpp_2m(denoise, x, log_snrs)
+    return ddim(denoise, x, log_snrs, noise if needs_rng else None, eta, start)
+  return dpmpp_2m(denoise, x, log_snrs, start)

@@ -29,6 +29,7 @@ How it runs:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -252,6 +253,51 @@ class Edit:
     if self.image is None:
       return np.zeros((size, size, 3), np.float32)
     return np.asarray(conditioning.to_float_image(output.fit_image(self.image, size)))
+
+
+EDIT_KEYS = ("prompt", "image", "mask", "strength", "negative_prompt")
+
+
+def load_edits(path) -> tuple[list[str], list[Edit]]:
+  """An edits file: JSON lines with `prompt` and optional `image`, `mask`, `strength`,
+  `negative_prompt`; file paths relative to the edits file. -> (prompts, edits)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise UserError(f"edits file {os.fspath(path)!r} does not exist")
+  prompts, edits = [], []
+  for n, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f"{os.fspath(path)} line {n}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where} is not JSON ({e.msg}); write one JSON object per line") from None
+    unknown = sorted(set(record) - set(EDIT_KEYS)) if isinstance(record, dict) else []
+    if not isinstance(record, dict) or "prompt" not in record or unknown:
+      raise UserError(f"{where}: give an object with \"prompt\" and optional keys "
+                      f"{list(EDIT_KEYS[1:])}" + (f"; unknown: {unknown}" if unknown else ""))
+    images = {k: read_edit_image(path.parent / record[k], where) for k in ("image", "mask")
+              if record.get(k) is not None}
+    try:
+      edits.append(Edit(image=images.get("image"), mask=images.get("mask"),
+                        strength=record.get("strength"),
+                        negative_prompt=record.get("negative_prompt"),
+                        source={k: record[k] for k in ("image", "mask") if k in images}))
+    except UserError as e:
+      raise UserError(f"{where}: {e}") from None
+    prompts.append(str(record["prompt"]))
+  if not prompts:
+    raise UserError(f"edits file {os.fspath(path)} holds no edits; one JSON object per line")
+  return prompts, edits
+
+
+def read_edit_image(path, where: str = "") -> np.ndarray:
+  """An edit's image or mask file as uint8 [H, W, 3]; a missing file is a UserError."""
+  if not epath.Path(path).exists():
+    raise UserError(f"{where + ': ' if where else ''}image file {os.fspath(path)!r} does "
+                    "not exist")
+  return output.read_image(path)
 
 
 def make_edits(num_prompts: int, *, init_images=None, masks=None, strength=None,
@@ -817,7 +863,7 @@ def load_cascade(stages: Sequence[Stage] = gin.REQUIRED, *, text_encoder: Any = 
 
 def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samples: int = 1,
                   seed: int = 0, stop_at_stage: int | None = None, start_images=None,
-                  grid_max_images: int = 64, process_index: int = 0, process_count: int = 1,
+                  edits: Sequence[Edit] | None = None, grid_max_images: int = 64, process_index: int = 0, process_count: int = 1,
                   barrier: Callable[[str], None] | None = None,
                   progress: bool = True) -> RunSummary:
   """Samples into out_dir: stage{k}/ PNGs, index.jsonl and grid.png (see output.py).
@@ -833,7 +879,7 @@ def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samp
   mine = process_share(items, process_index, process_count)
   sink = DirectorySink(out_dir, process_index, process_count)
   summary, _, last = cascade.run(prompts, mine, sink, stop_at_stage=stop_at_stage,
-                                 start_images=start_images,
+                                 start_images=start_images, edits=edits,
                                  progress=progress and process_index == 0,
                                  row_extra={"root_seed": int(seed)},
                                  encode_all=process_count > 1)

@@ -51,21 +51,42 @@ def _active(i, start, x):
   return (i >= start).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def ddpm(denoise: Denoiser, x, log_snrs, noise: NoiseFn, start=None):
+def ddpm(denoise: Denoiser, x, log_snrs, noise: NoiseFn, start=None, resample_steps: int = 1):
   """Ancestral sampling (Ho et al. 2020, Algorithm 2) with the posterior q(x_s | x_t, x0)
   in log-SNR form (Kingma et al. 2021, VDM eq. 28-30 / appendix A.1):
     mu = (alpha_t / alpha_s) (sigma_s^2 / sigma_t^2) x_t + alpha_s c x0_hat
        = sqrt(SNR_t / SNR_s) (sigma_s / sigma_t) x_t + alpha_s c x0_hat,
     var = sigma_s^2 c,   c = -expm1(lambda_t - lambda_s).
+
+  resample_steps R > 1 is RePaint's resampling (Lugmayr et al. 2022, Algorithm 1, jump
+  length 1): after a step t -> s, x_s is noised back to t by the forward process,
+  x_t = (alpha_t / alpha_s) x_s + sigma_t sqrt(c) z (the exact q(x_t | x_s)), and the
+  step is taken again, R times in all; it harmonises an inpainted region with the kept one.
   """
-  def step(i, x):
+  n = log_snrs.shape[0] - 1
+
+  def one_step(i, x, z):
     lam_t, lam_s = log_snrs[i], log_snrs[i + 1]
     x0, _ = denoise(x, lam_t)
     alpha_s, sigma_s, sigma_t, snr_ratio, c = _posterior_terms(lam_t, lam_s)
     mean = jnp.sqrt(snr_ratio) * (sigma_s / sigma_t) * x + alpha_s * c * x0
-    x_next = mean + sigma_s * jnp.sqrt(c) * noise(i)
-    return jnp.where(_active(i, start, x), jnp.where(jnp.isinf(lam_s), x0, x_next), x)
-  return jax.lax.fori_loop(0, log_snrs.shape[0] - 1, step, x)
+    return jnp.where(jnp.isinf(lam_s), x0, mean + sigma_s * jnp.sqrt(c) * z)
+
+  def step(i, x):
+    x_s = one_step(i, x, noise(i))
+    if resample_steps > 1:
+      def again(u, x_s):
+        lam_t, lam_s = log_snrs[i], log_snrs[i + 1]
+        alpha_t, sigma_t = alpha_sigma(lam_t)
+        alpha_s, _ = alpha_sigma(jnp.where(jnp.isfinite(lam_s), lam_s, lam_t + 1.0))
+        c = -jnp.expm1(lam_t - lam_s)  # sigma_{t|s}^2 / sigma_t^2, = 1 to a clean s
+        extra = n + 2 * (i * (resample_steps - 1) + u)  # noise indices after the steps'
+        x_t = (alpha_t / jnp.where(jnp.isinf(lam_s), 1.0, alpha_s)) * x_s + (
+            sigma_t * jnp.sqrt(c) * noise(extra))
+        return one_step(i, x_t, noise(extra + 1))
+      x_s = jax.lax.fori_loop(0, resample_steps - 1, again, x_s)
+    return jnp.where(_active(i, start, x), x_s, x)
+  return jax.lax.fori_loop(0, n, step, x)
 
 
 def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0, start=None):
@@ -182,7 +203,7 @@ def _check_grid(log_snrs):
 
 
 def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str = "eps",
-           x0_transform=None, eta=0.0, start_index=None):
+           x0_transform=None, eta=0.0, start_index=None, resample_steps: int = 1):
   """Runs the reverse process from x_init at log_snrs[0] to log_snrs[-1].
 
   Args:
@@ -199,6 +220,8 @@ def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str 
       is then its state there, e.g. `q_sample(image, log_snrs[k], noise)` for SDEdit, Meng
       et al. 2021) and skips the steps before; None = every example starts at 0. One
       batched program whatever the starts: skipped steps leave x unchanged.
+    resample_steps: RePaint's resampling (Lugmayr et al. 2022) for "ddpm": each step is
+      taken this many times, noising back in between (1 = none).
 
   Returns:
     x at log_snrs[-1], float32, shape of x_init.
@@ -206,6 +229,10 @@ def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str 
   if method not in METHODS:
     raise UserError(f"unknown sampling method {method!r}; valid methods: {list(METHODS)}")
   process.check_objective(objective)
+  if isinstance(resample_steps, bool) or not isinstance(resample_steps, int) \
+      or resample_steps < 1 or (resample_steps > 1 and method != "ddpm"):
+    raise UserError(f"resample_steps={resample_steps!r} must be a positive integer, and > 1 "
+                    "only with method='ddpm' (RePaint resamples ancestral steps)")
   if method != "ddim" and not _is_zero(eta):
     raise UserError(f"eta={eta!r} applies only to method='ddim', not {method!r}")
   needs_rng = method == "ddpm" or (method == "ddim" and not _is_zero(eta))
@@ -219,7 +246,7 @@ def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str 
   noise = _noise_fn(rng, x.shape) if rng is not None else None
   start = None if start_index is None else jnp.asarray(start_index, jnp.int32)
   if method == "ddpm":
-    return ddpm(denoise, x, log_snrs, noise, start)
+    return ddpm(denoise, x, log_snrs, noise, start, resample_steps)
   if method == "ddim":
     return ddim(denoise, x, log_snrs, noise if needs_rng else None, eta, start)
   return dpmpp_2m(denoise, x, log_snrs, start)

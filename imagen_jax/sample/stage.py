@@ -49,6 +49,8 @@ class SamplerSettings:
     guidance_interval: None, or (lo, hi): classifier-free guidance only where lo <= log-SNR
       <= hi, the conditional model elsewhere (Kynkaanniemi et al. 2024).
     guidance_rescale: CFG rescale's phi in [0, 1] (Lin et al. 2024; 0 = off, 0.7 theirs).
+    resample_steps: RePaint's resampling (Lugmayr et al. 2022) for "ddpm": each step taken
+      this many times, noised back in between; harmonises inpainted regions (1 = none).
   """
   sampler: str = "ddpm"
   num_steps: int = 256
@@ -60,6 +62,7 @@ class SamplerSettings:
   guidance_scale_end: float | None = None
   guidance_interval: tuple[float, float] | None = None
   guidance_rescale: float = 0.0
+  resample_steps: int = 1
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -85,6 +88,10 @@ class SamplerSettings:
     if interval is not None and (len(interval) != 2 or not interval[0] < interval[1]):
       raise UserError(f"guidance_interval={interval!r} must be (lo, hi) log-SNRs with lo < hi, "
                       "or None")
+    if isinstance(self.resample_steps, bool) or not isinstance(self.resample_steps, int) \
+        or self.resample_steps < 1 or (self.resample_steps > 1 and self.sampler != "ddpm"):
+      raise UserError(f"resample_steps={self.resample_steps!r} must be a positive integer, "
+                      "and > 1 only with sampler='ddpm'")
     if not 0.0 <= self.guidance_rescale <= 1.0:
       raise UserError(f"guidance_rescale={self.guidance_rescale} must be in [0, 1]")
 
@@ -108,6 +115,8 @@ class SamplerSettings:
       out["guidance_interval"] = [float(v) for v in self.guidance_interval]
     if self.guidance_rescale:
       out["guidance_rescale"] = float(self.guidance_rescale)
+    if self.resample_steps > 1:
+      out["resample_steps"] = self.resample_steps
     return out
 
   def guidance(self, model_fn, grid):
@@ -235,4 +244,5 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
                           jnp.asarray(grid), method=settings.sampler,
                           rng=k_sampler if settings.stochastic else None,
                           objective=info.objective, x0_transform=x0_transform,
-                          eta=settings.eta, start_index=start)
+                          eta=settings.eta, start_index=start,
+                          resample_steps=settings.resample_steps)

@@ -545,3 +545,9 @@ def test_bad_edit_input_is_one_line_and_exit_2(env, edits_file, tmp_path, capsys
   assert sample_cli.main(args + [a.format(d=d) for a in extra]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0], err
+
+
+def test_strength_with_start_images_is_refused(cascade):
+  image = _edit_image(8)
+  with pytest.raises(UserError, match="strength"):
+    cascade(PROMPTS[:1], start_images=[image], init_images=[image], strength=0.5)

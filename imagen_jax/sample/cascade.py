@@ -733,9 +733,9 @@ class Cascade:
       out["negative_mask"] = np.stack([negatives[it.prompt_index][1] for it in padded])
     chosen = [edits[it.prompt_index] for it in padded]
     size = self.stages[k].image_size
-    sdedit = any(e.strength is not None for e in edits)
-    if sdedit and (k != first or self.stages[k].is_sr):
-      sdedit = False  # SDEdit starts the base stage; SR stages take the stage below
+    # SDEdit starts the base stage; SR stages take the stage below.
+    sdedit = k == first and not self.stages[k].is_sr and any(
+        e.strength is not None for e in edits)
     if any(e.mask is not None for e in edits) or sdedit:
       out["image"] = np.stack([e.image_at(size) for e in chosen])
     if any(e.mask is not None for e in edits):
@@ -771,6 +771,9 @@ class Cascade:
     row_of, emb, mask = self._embed(prompts, pending) if pending else ({}, None, None)
     if edits is not None and len(edits) != len(prompts):
       raise UserError(f"{len(edits)} edits for {len(prompts)} prompts; give one per prompt")
+    if edits and start is not None and any(e.strength is not None for e in edits):
+      raise UserError("strength (image-to-image) starts the base stage; it cannot be used "
+                      "with start images, which the SR stages take instead")
     negatives = self._negatives(edits, pending)
     stats = []
     for k in range(first, last):

@@ -114,9 +114,3 @@ def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
     r, q = divmod(i, cols)
     grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
   return grid
-
-
-def to_uint8(x) -> np.ndarray:
-  """float [-1, 1] -> uint8 [0, 255]."""
-  x = np.asarray(x, np.float32)
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

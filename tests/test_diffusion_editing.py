@@ -145,3 +145,19 @@ def test_repaint_resampling_keeps_the_gaussian_marginal():
   assert not np.allclose(out, run(1))
   with pytest.raises(errors.UserError, match="resample_steps"):
     diffusion.sample(model, x, grid, method="ddim", resample_steps=2)
+
+
+def test_stage_settings_build_the_linear_guidance_schedule(inputs):  # noqa: F811
+  """SamplerSettings.guidance: the scale goes linearly from guidance_scale at the first
+  model call to guidance_scale_end at the last, over the stage's grid."""
+  from imagen_jax.sample import stage
+  x, _, cond = inputs
+  settings = stage.SamplerSettings(num_steps=5, guidance_scale=2.0, guidance_scale_end=6.0)
+  grid = stage.sampling_grid("cosine", 5)
+  assert grid.shape == (6,) and np.isinf(grid[-1])   # 5 model calls, then +inf
+  guided = settings.guidance(fake_model, grid)
+  for i, expected_scale in ((0, 2.0), (2, 4.0), (4, 6.0)):
+    lam = jnp.full((B,), grid[i])
+    c, u = fake_model(x, lam, **cond), fake_model(x, lam, **_uncond(cond))
+    np.testing.assert_allclose(guided(x, lam, **cond), u + expected_scale * (c - u),
+                               rtol=1e-5, atol=1e-4)

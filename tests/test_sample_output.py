@@ -145,7 +145,18 @@ def test_stage_rejects_bad_settings(kwargs, match):
 
 def test_stage_settings_record_what_applies():
   s = cascade_lib.Stage(model_dir="m", sampler="ddim", eta=0.5, thresholding="dynamic")
-  assert s.settings(is_sr=False) == {"method": "ddim", "num_steps": 256,
-                                     "guidance_scale": 5.0, "thresholding": "dynamic",
-                                     "percentile": 99.5, "eta": 0.5}
-  assert s.settings(is_sr=True)["aug_level"] == 0.2
+  assert s.record(is_sr=False) == {"method": "ddim", "num_steps": 256,
+                                   "guidance_scale": 5.0, "thresholding": "dynamic",
+                                   "percentile": 99.5, "eta": 0.5}
+  assert s.record(is_sr=True)["aug_level"] == 0.2
+  guided = cascade_lib.Stage(model_dir="m", guidance_scale_end=1.0,
+                             guidance_interval=(-5.0, 2.0), guidance_rescale=0.7,
+                             resample_steps=2)
+  assert guided.record(is_sr=False) == {
+      "method": "ddpm", "num_steps": 256, "guidance_scale": 5.0, "thresholding": "dynamic",
+      "percentile": 99.5, "guidance_scale_end": 1.0, "guidance_interval": [-5.0, 2.0],
+      "guidance_rescale": 0.7, "resample_steps": 2}
+  for bad in (dict(guidance_interval=(2.0, 1.0)), dict(guidance_rescale=1.5),
+              dict(resample_steps=2, sampler="ddim"), dict(guidance_scale_end=-1.0)):
+    with pytest.raises(UserError, match="Stage."):
+      cascade_lib.Stage(model_dir="m", **bad)

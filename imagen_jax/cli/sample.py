@@ -4,6 +4,9 @@ r"""imagen-sample: prompts in, images out, through every stage of a trained casc
   imagen-sample --gin_file=runs/sample.gin --prompts=prompts.txt --out_dir=out/ \
       --num_samples=4 --seed=1 --stop_at_stage=1 --gin.base/Stage.num_steps=50
   imagen-sample --gin_file=runs/sample.gin --start_image=lowres/ --out_dir=sr/
+  imagen-sample --gin_file=runs/sample.gin --edits=edits.jsonl --out_dir=edited/
+  imagen-sample --gin_file=runs/sample.gin --prompts=prompts.txt --out_dir=out/ \
+      --init_image=photo.png --mask=mask.png --negative_prompt="blurry"
 
 Writes out_dir/stage{k}/{prompt:05d}_{sample}.png for every stage, out_dir/grid.png (the last
 stage with its prompts), out_dir/index.jsonl (one row per image: prompt, prompt_index,
@@ -48,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--start_image", default=None,
                       help="an image or a folder of images to super-resolve with the SR "
                       "stages alone")
+  parser.add_argument("--edits", default=None,
+                      help="a JSON-lines file of edits, one per line: prompt, image and "
+                      "optional mask, strength, negative_prompt (paths relative to the file)")
+  parser.add_argument("--init_image", default=None,
+                      help="an image to edit for every prompt (with --mask and/or --strength)")
+  parser.add_argument("--mask", default=None,
+                      help="inpainting mask of --init_image's size: white = regenerate, "
+                      "black = keep")
+  parser.add_argument("--strength", type=float, default=None,
+                      help="image-to-image (SDEdit): noise --init_image to this time in (0, 1]")
+  parser.add_argument("--negative_prompt", default=None,
+                      help="negative prompt for every prompt (CFG's unconditional half)")
   parser.add_argument("--batch_size", type=int, default=None,
                       help="images per batch (load_cascade.batch_size; rounded up to a "
                       "multiple of the device count)")
@@ -81,13 +96,28 @@ def _main(argv: Sequence[str] | None) -> int:
   gin.clear_config()  # a fresh config per call, so main() can run twice in one process
   gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_paths)
 
-  # Inputs first: a bad prompts file fails before any checkpoint is loaded.
+  # Inputs first: a bad prompts or edits file fails before any checkpoint is loaded.
   prompts = output.read_prompts(args.prompts) if args.prompts else None
-  start_images = None
-  if args.start_image:
+  start_images, edits = None, None
+  if args.edits:
+    if prompts is not None or args.start_image:
+      raise UserError("--edits holds its prompts; drop --prompts and --start_image")
+    prompts, edits = cascade_lib.load_edits(args.edits)
+  elif args.start_image:
     start_images, prompts = output.load_start_images(args.start_image, prompts)
   elif prompts is None:
     raise UserError("no prompts: pass --prompts=FILE (one prompt per line)")
+  one_edit = (args.init_image, args.mask, args.strength, args.negative_prompt)
+  if any(v is not None for v in one_edit):
+    if edits is not None:
+      raise UserError("--init_image/--mask/--strength/--negative_prompt apply one edit to "
+                      "every prompt; put per-edit values in the --edits file instead")
+    edit = cascade_lib.Edit(
+        image=cascade_lib.read_edit_image(args.init_image) if args.init_image else None,
+        mask=cascade_lib.read_edit_image(args.mask) if args.mask else None,
+        strength=args.strength, negative_prompt=args.negative_prompt,
+        source={k: v for k, v in (("image", args.init_image), ("mask", args.mask)) if v})
+    edits = [edit] * len(prompts)
 
   cascade = cascade_lib.load_cascade()
   out_dir = epath.Path(args.out_dir)
@@ -95,7 +125,7 @@ def _main(argv: Sequence[str] | None) -> int:
     gin_utils.write_operative_config(out_dir)
   summary = cascade_lib.sample_to_dir(
       cascade, prompts, out_dir, num_samples=args.num_samples, seed=args.seed,
-      stop_at_stage=args.stop_at_stage, start_images=start_images,
+      stop_at_stage=args.stop_at_stage, start_images=start_images, edits=edits,
       grid_max_images=args.grid_max_images, process_index=dist.process_index,
       process_count=dist.process_count, barrier=hosts.sync_global_devices,
       progress=not args.no_progress)

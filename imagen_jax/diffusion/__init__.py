@@ -2,6 +2,10 @@
 losses, samplers and guidance. No Flax; every function is jit-compatible."""
 
 from imagen_jax.diffusion.guidance import classifier_free_guidance
+from imagen_jax.diffusion.guidance import classifier_guidance
+from imagen_jax.diffusion.guidance import guidance_scale_at
+from imagen_jax.diffusion.guidance import inpaint_transform
+from imagen_jax.diffusion.guidance import rescale_guided
 from imagen_jax.diffusion.guidance import dynamic_threshold
 from imagen_jax.diffusion.guidance import static_threshold
 from imagen_jax.diffusion.losses import diffusion_loss

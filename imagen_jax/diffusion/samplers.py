@@ -42,24 +42,54 @@ def _posterior_terms(lam_t, lam_s):
   return alpha_s, sigma_s, sigma_t, jnp.exp(lam_t - lam_s), -jnp.expm1(lam_t - lam_s)
 
 
-def ddpm(denoise: Denoiser, x, log_snrs, noise: NoiseFn):
+def _active(i, start, x):
+  """Whether step i runs for each example: all examples without `start`, else those whose
+  start index [B] is <= i (SDEdit, Meng et al. 2021: each starts on the tail of the grid);
+  shaped to broadcast against x."""
+  if start is None:
+    return True
+  return (i >= start).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def ddpm(denoise: Denoiser, x, log_snrs, noise: NoiseFn, start=None, resample_steps: int = 1):
   """Ancestral sampling (Ho et al. 2020, Algorithm 2) with the posterior q(x_s | x_t, x0)
   in log-SNR form (Kingma et al. 2021, VDM eq. 28-30 / appendix A.1):
     mu = (alpha_t / alpha_s) (sigma_s^2 / sigma_t^2) x_t + alpha_s c x0_hat
        = sqrt(SNR_t / SNR_s) (sigma_s / sigma_t) x_t + alpha_s c x0_hat,
     var = sigma_s^2 c,   c = -expm1(lambda_t - lambda_s).
+
+  resample_steps R > 1 is RePaint's resampling (Lugmayr et al. 2022, Algorithm 1, jump
+  length 1): after a step t -> s, x_s is noised back to t by the forward process,
+  x_t = (alpha_t / alpha_s) x_s + sigma_t sqrt(c) z (the exact q(x_t | x_s)), and the
+  step is taken again, R times in all; it harmonises an inpainted region with the kept one.
   """
-  def step(i, x):
+  n = log_snrs.shape[0] - 1
+
+  def one_step(i, x, z):
     lam_t, lam_s = log_snrs[i], log_snrs[i + 1]
     x0, _ = denoise(x, lam_t)
     alpha_s, sigma_s, sigma_t, snr_ratio, c = _posterior_terms(lam_t, lam_s)
     mean = jnp.sqrt(snr_ratio) * (sigma_s / sigma_t) * x + alpha_s * c * x0
-    x_next = mean + sigma_s * jnp.sqrt(c) * noise(i)
-    return jnp.where(jnp.isinf(lam_s), x0, x_next)
-  return jax.lax.fori_loop(0, log_snrs.shape[0] - 1, step, x)
+    return jnp.where(jnp.isinf(lam_s), x0, mean + sigma_s * jnp.sqrt(c) * z)
+
+  def step(i, x):
+    x_s = one_step(i, x, noise(i))
+    if resample_steps > 1:
+      def again(u, x_s):
+        lam_t, lam_s = log_snrs[i], log_snrs[i + 1]
+        alpha_t, sigma_t = alpha_sigma(lam_t)
+        alpha_s, _ = alpha_sigma(jnp.where(jnp.isfinite(lam_s), lam_s, lam_t + 1.0))
+        c = -jnp.expm1(lam_t - lam_s)  # sigma_{t|s}^2 / sigma_t^2, = 1 to a clean s
+        extra = n + 2 * (i * (resample_steps - 1) + u)  # noise indices after the steps'
+        x_t = (alpha_t / jnp.where(jnp.isinf(lam_s), 1.0, alpha_s)) * x_s + (
+            sigma_t * jnp.sqrt(c) * noise(extra))
+        return one_step(i, x_t, noise(extra + 1))
+      x_s = jax.lax.fori_loop(0, resample_steps - 1, again, x_s)
+    return jnp.where(_active(i, start, x), x_s, x)
+  return jax.lax.fori_loop(0, n, step, x)
 
 
-def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0):
+def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0, start=None):
   """DDIM (Song et al. 2020, eq. 12) in log-SNR form:
     x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c_eta^2) eps_hat + c_eta z,
     c_eta^2 = eta^2 * var,  var = sigma_s^2 c the DDPM posterior variance (Song et al. eq. 16).
@@ -78,17 +108,18 @@ def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0):
     x_next = alpha_s * x0 + sigma_s * jnp.sqrt((1.0 - eta2) + eta2 * snr_ratio) * eps
     if noise is not None:
       x_next = x_next + eta * sigma_s * jnp.sqrt(c) * noise(i)
-    return jnp.where(jnp.isinf(lam_s), x0, x_next)
+    return jnp.where(_active(i, start, x), jnp.where(jnp.isinf(lam_s), x0, x_next), x)
   return jax.lax.fori_loop(0, log_snrs.shape[0] - 1, step, x)
 
 
-def dpmpp_2m(denoise: Denoiser, x, log_snrs):
+def dpmpp_2m(denoise: Denoiser, x, log_snrs, start=None):
   """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), in the half-log-SNR
   lambda = log(alpha / sigma) = log_snr / 2 of that paper; k-diffusion's `sample_dpmpp_2m`
   is the same method in its sigma parameterisation. With h = lambda_s - lambda_t:
     x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) D,
     D = (1 + 1/(2r)) x0_hat_i - 1/(2r) x0_hat_{i-1},  r = h_{i-1} / h_i,
   with D = x0_hat_i (first order, = DDIM) on the first step and on a last step to +inf.
+  With per-example `start` indices an example's first step is its own start.
   """
   def step(i, carry):
     x, x0_prev = carry
@@ -96,12 +127,15 @@ def dpmpp_2m(denoise: Denoiser, x, log_snrs):
     lam_prev = log_snrs[jnp.maximum(i - 1, 0)]
     x0, _ = denoise(x, lam_t)
     alpha_s, sigma_s, sigma_t, _, _ = _posterior_terms(lam_t, lam_s)
-    second_order = (i > 0) & jnp.isfinite(lam_s)
+    first = 0 if start is None else start.reshape((-1,) + (1,) * (x.ndim - 1))
+    second_order = (i > first) & jnp.isfinite(lam_s)
     h = jnp.where(jnp.isfinite(lam_s), lam_s - lam_t, 1.0) / 2
     r = jnp.where(second_order, (lam_t - lam_prev) / 2 / h, 1.0)
     d = jnp.where(second_order, (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev, x0)
     x_next = (sigma_s / sigma_t) * x - alpha_s * jnp.expm1(-h) * d
-    return jnp.where(jnp.isinf(lam_s), x0, x_next), x0
+    active = _active(i, start, x)
+    return (jnp.where(active, jnp.where(jnp.isinf(lam_s), x0, x_next), x),
+            jnp.where(active, x0, x0_prev))
   x, _ = jax.lax.fori_loop(0, log_snrs.shape[0] - 1, step, (x, jnp.zeros_like(x)))
   return x
 
@@ -169,7 +203,7 @@ def _check_grid(log_snrs):
 
 
 def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str = "eps",
-           x0_transform=None, eta=0.0):
+           x0_transform=None, eta=0.0, start_index=None, resample_steps: int = 1):
   """Runs the reverse process from x_init at log_snrs[0] to log_snrs[-1].
 
   Args:
@@ -182,6 +216,12 @@ def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str 
     objective: what model_fn predicts: "eps", "v" (Salimans & Ho 2022) or "x0".
     x0_transform: applied to every x0_hat (e.g. `dynamic_threshold`, Saharia et al. 2022 §2.3).
     eta: DDIM stochasticity (Song et al. 2020 eq. 16); only for method="ddim".
+    start_index: per-example int [B]: example b starts at log_snrs[start_index[b]] (x_init
+      is then its state there, e.g. `q_sample(image, log_snrs[k], noise)` for SDEdit, Meng
+      et al. 2021) and skips the steps before; None = every example starts at 0. One
+      batched program whatever the starts: skipped steps leave x unchanged.
+    resample_steps: RePaint's resampling (Lugmayr et al. 2022) for "ddpm": each step is
+      taken this many times, noising back in between (1 = none).
 
   Returns:
     x at log_snrs[-1], float32, shape of x_init.
@@ -189,6 +229,10 @@ def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str 
   if method not in METHODS:
     raise UserError(f"unknown sampling method {method!r}; valid methods: {list(METHODS)}")
   process.check_objective(objective)
+  if isinstance(resample_steps, bool) or not isinstance(resample_steps, int) \
+      or resample_steps < 1 or (resample_steps > 1 and method != "ddpm"):
+    raise UserError(f"resample_steps={resample_steps!r} must be a positive integer, and > 1 "
+                    "only with method='ddpm' (RePaint resamples ancestral steps)")
   if method != "ddim" and not _is_zero(eta):
     raise UserError(f"eta={eta!r} applies only to method='ddim', not {method!r}")
   needs_rng = method == "ddpm" or (method == "ddim" and not _is_zero(eta))
@@ -200,8 +244,9 @@ def sample(model_fn, x_init, log_snrs, *, method: str, rng=None, objective: str 
   x = jnp.asarray(x_init, jnp.float32)
   denoise = _denoiser(model_fn, x.shape[0], objective, x0_transform)
   noise = _noise_fn(rng, x.shape) if rng is not None else None
+  start = None if start_index is None else jnp.asarray(start_index, jnp.int32)
   if method == "ddpm":
-    return ddpm(denoise, x, log_snrs, noise)
+    return ddpm(denoise, x, log_snrs, noise, start, resample_steps)
   if method == "ddim":
-    return ddim(denoise, x, log_snrs, noise if needs_rng else None, eta)
-  return dpmpp_2m(denoise, x, log_snrs)
+    return ddim(denoise, x, log_snrs, noise if needs_rng else None, eta, start)
+  return dpmpp_2m(denoise, x, log_snrs, start)

@@ -6,6 +6,7 @@
 """
 
 from imagen_jax.sample.cascade import Cascade
+from imagen_jax.sample.cascade import Edit
 from imagen_jax.sample.cascade import LoadedStage
 from imagen_jax.sample.cascade import PromptEncoder
 from imagen_jax.sample.cascade import Stage
@@ -13,6 +14,7 @@ from imagen_jax.sample.cascade import StageSampler
 from imagen_jax.sample.cascade import WorkItem
 from imagen_jax.sample.cascade import image_seeds
 from imagen_jax.sample.cascade import load_cascade
+from imagen_jax.sample.cascade import load_edits
 from imagen_jax.sample.cascade import load_stage
 from imagen_jax.sample.cascade import process_share
 from imagen_jax.sample.cascade import sample_to_dir

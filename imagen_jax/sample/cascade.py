@@ -29,6 +29,7 @@ How it runs:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -188,6 +189,139 @@ def process_share(items: Sequence[WorkItem], process_index: int,
 
 
 # ---------------------------------------------------------------------------------------
+# Edits.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Edit:
+  """What to do with one prompt's images besides plain text-to-image sampling.
+
+  Attributes:
+    image: uint8 [H, W, 3], the image to inpaint or to start from.
+    mask: [H, W] or [H, W, 3] (bool or uint8): white / nonzero where the image is
+      regenerated, black / zero where it is kept (GLIDE inpainting, at every stage).
+    strength: SDEdit (Meng et al. 2021) in (0, 1]: the base stage starts from `image`
+      noised to this time; 1 = from pure noise.
+    negative_prompt: its embedding fills the unconditional half of classifier-free
+      guidance instead of the empty caption.
+    source: what index.jsonl records of the edit's files (e.g. their paths).
+  """
+  image: np.ndarray | None = None
+  mask: np.ndarray | None = None
+  strength: float | None = None
+  negative_prompt: str | None = None
+  source: dict | None = None
+
+  def __post_init__(self):
+    if self.image is not None:
+      image = np.asarray(self.image)
+      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise UserError(f"edit images must be uint8 [H, W, 3]; got {image.dtype} "
+                        f"{image.shape}")
+    if (self.mask is not None or self.strength is not None) and self.image is None:
+      raise UserError("an edit with a mask or a strength needs its image")
+    if self.mask is not None and np.shape(self.mask)[:2] != np.shape(self.image)[:2]:
+      raise UserError(f"mask of size {np.shape(self.mask)[:2]} for an image of size "
+                      f"{np.shape(self.image)[:2]}; give a mask of the image's size")
+    if self.strength is not None and not 0.0 < float(self.strength) <= 1.0:
+      raise UserError(f"strength={self.strength} must be in (0, 1] (1 = from pure noise)")
+
+  def record(self) -> dict:
+    """The edit's fields for index.jsonl."""
+    out = dict(self.source or {})
+    if self.strength is not None:
+      out["strength"] = float(self.strength)
+    if self.negative_prompt is not None:
+      out["negative_prompt"] = self.negative_prompt
+    if self.mask is not None:
+      out["inpaint"] = True
+    return out
+
+  def mask_at(self, size: int) -> np.ndarray:
+    """float32 [size, size, 1]: 1 where regenerated. A pixel any of whose source pixels is
+    regenerated is regenerated (the known region only shrinks)."""
+    if self.mask is None:
+      return np.ones((size, size, 1), np.float32)
+    m = np.asarray(self.mask)
+    m = (m.mean(axis=-1) if m.ndim == 3 else m).astype(np.float32) > (
+        0.5 if m.dtype == bool else 127.5)
+    fitted = output.fit_image(np.repeat((m * 255).astype(np.uint8)[..., None], 3, -1), size)
+    return (fitted[..., :1] > 0).astype(np.float32)
+
+  def image_at(self, size: int) -> np.ndarray:
+    """float32 [size, size, 3] in [-1, 1]: the image centre-cropped and resized to size."""
+    if self.image is None:
+      return np.zeros((size, size, 3), np.float32)
+    return np.asarray(conditioning.to_float_image(output.fit_image(self.image, size)))
+
+
+EDIT_KEYS = ("prompt", "image", "mask", "strength", "negative_prompt")
+
+
+def load_edits(path) -> tuple[list[str], list[Edit]]:
+  """An edits file: JSON lines with `prompt` and optional `image`, `mask`, `strength`,
+  `negative_prompt`; file paths relative to the edits file. -> (prompts, edits)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise UserError(f"edits file {os.fspath(path)!r} does not exist")
+  prompts, edits = [], []
+  for n, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f"{os.fspath(path)} line {n}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where} is not JSON ({e.msg}); write one JSON object per line") from None
+    unknown = sorted(set(record) - set(EDIT_KEYS)) if isinstance(record, dict) else []
+    if not isinstance(record, dict) or "prompt" not in record or unknown:
+      raise UserError(f"{where}: give an object with \"prompt\" and optional keys "
+                      f"{list(EDIT_KEYS[1:])}" + (f"; unknown: {unknown}" if unknown else ""))
+    images = {k: read_edit_image(path.parent / record[k], where) for k in ("image", "mask")
+              if record.get(k) is not None}
+    try:
+      edits.append(Edit(image=images.get("image"), mask=images.get("mask"),
+                        strength=record.get("strength"),
+                        negative_prompt=record.get("negative_prompt"),
+                        source={k: record[k] for k in ("image", "mask") if k in images}))
+    except UserError as e:
+      raise UserError(f"{where}: {e}") from None
+    prompts.append(str(record["prompt"]))
+  if not prompts:
+    raise UserError(f"edits file {os.fspath(path)} holds no edits; one JSON object per line")
+  return prompts, edits
+
+
+def read_edit_image(path, where: str = "") -> np.ndarray:
+  """An edit's image or mask file as uint8 [H, W, 3]; a missing file is a UserError."""
+  if not epath.Path(path).exists():
+    raise UserError(f"{where + ': ' if where else ''}image file {os.fspath(path)!r} does "
+                    "not exist")
+  return output.read_image(path)
+
+
+def make_edits(num_prompts: int, *, init_images=None, masks=None, strength=None,
+               negative_prompts=None) -> list[Edit] | None:
+  """One `Edit` per prompt from per-prompt lists (or one strength / negative prompt for
+  all); None when nothing is edited."""
+  if all(v is None for v in (init_images, masks, strength, negative_prompts)):
+    return None
+
+  def per_prompt(value, name, scalar_types):
+    if value is None or isinstance(value, scalar_types):
+      return [value] * num_prompts
+    value = list(value)
+    if len(value) != num_prompts:
+      raise UserError(f"{len(value)} {name} for {num_prompts} prompts; give one per prompt")
+    return value
+
+  images = per_prompt(init_images, "init_images", ())
+  return [Edit(image=i, mask=m, strength=s, negative_prompt=n) for i, m, s, n in zip(
+      images, per_prompt(masks, "masks", ()), per_prompt(strength, "strengths", (int, float)),
+      per_prompt(negative_prompts, "negative_prompts", (str,)))]
+
+
+# ---------------------------------------------------------------------------------------
 # Text.
 
 
@@ -302,7 +436,7 @@ class StageSampler:
 
     settings, info = stage.config.sampling, stage.info
 
-    def sample(state, seeds, text_emb, text_mask, lowres, aug_level):
+    def sample(state, seeds, text_emb, text_mask, lowres, aug_level, edit):
       model = nnx.merge(graphdef, state)
 
       def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None):
@@ -311,19 +445,22 @@ class StageSampler:
 
       x = stage_lib.sample_stage(model_fn, settings, info, seeds, stage_index,
                                  text_emb=text_emb, text_mask=text_mask, lowres=lowres,
-                                 aug_level=aug_level)
+                                 aug_level=aug_level, **(edit or {}))
       return conditioning.to_uint8_image(x)
 
     self.jitted = jax.jit(sample, out_shardings=self.batch_sharding(4))
 
-  def __call__(self, seeds, text_emb, text_mask, lowres=None) -> jax.Array:
-    """Dispatches one batch (asynchronously); all inputs have batch_size rows."""
+  def __call__(self, seeds, text_emb, text_mask, lowres=None, edit=None) -> jax.Array:
+    """Dispatches one batch (asynchronously); all inputs have batch_size rows. `edit`: None
+    or a dict of `sample_stage`'s editing arrays (negative_emb, negative_mask, image, mask,
+    strength), each with batch_size rows."""
     put = lambda x: jax.device_put(x, self.batch_sharding(np.ndim(x)))
     args = [put(np.asarray(seeds, np.uint32)), put(np.asarray(text_emb, np.float32)),
             put(np.asarray(text_mask, bool))]
     args.append(None if lowres is None else put(np.asarray(lowres, np.uint8)))
     # An argument, not a constant: stages that differ only in aug_level share one program.
     args.append(np.float32(self.stage.config.aug_level))
+    args.append(None if edit is None else {k: put(np.asarray(v)) for k, v in edit.items()})
     with jax.set_mesh(self.mesh):
       return self.jitted(self.state, *args)
 
@@ -486,7 +623,8 @@ class Cascade:
   # --- the public calls -------------------------------------------------------------
 
   def __call__(self, prompts: Sequence[str], *, num_samples: int = 1, seed: int = 0,
-               stop_at_stage: int | None = None, start_images=None,
+               stop_at_stage: int | None = None, start_images=None, init_images=None,
+               masks=None, strength=None, negative_prompts=None,
                progress: bool = False) -> list[np.ndarray]:
     """Samples every prompt `num_samples` times through the cascade.
 
@@ -498,6 +636,9 @@ class Cascade:
       start_images: uint8 [N, H, W, 3] (or a list), one per prompt: super-resolve these
         with the super-resolution stages instead of sampling the base (each is centre-cropped
         and resized to the first SR stage's input size if needed).
+      init_images, masks, strength, negative_prompts: edits, one per prompt (a single
+        strength or negative prompt applies to all); see `Edit`. init_images with masks
+        inpaint at every stage; with strength the base stage starts from them (SDEdit).
 
     Returns:
       one uint8 array [num_prompts, num_samples, H_k, W_k, 3] per stage k run. With
@@ -507,8 +648,10 @@ class Cascade:
     prompts = list(prompts)
     items = work_items(len(prompts), num_samples, seed)
     sink = MemorySink()
+    edits = make_edits(len(prompts), init_images=init_images, masks=masks, strength=strength,
+                       negative_prompts=negative_prompts)
     first, last = self.run(prompts, items, sink, stop_at_stage=stop_at_stage,
-                           start_images=start_images, progress=progress)[1:]
+                           start_images=start_images, edits=edits, progress=progress)[1:]
     out = []
     for k in range(first, last):
       out.append(np.stack([sink.read(k, it) for it in items]).reshape(
@@ -519,14 +662,15 @@ class Cascade:
     return out
 
   def reproduce(self, prompt: str, seed: int, *, stop_at_stage: int | None = None,
-                start_image=None) -> list[np.ndarray]:
-    """Regenerates one image from its index.jsonl `prompt` and `seed` -> one [H, W, 3] per
-    stage run."""
+                start_image=None, edit: Edit | None = None) -> list[np.ndarray]:
+    """Regenerates one image from its index.jsonl `prompt` and `seed` (and its `edit`)
+    -> one [H, W, 3] per stage run."""
     sink = MemorySink()
     item = WorkItem(0, 0, int(seed))
     start = None if start_image is None else [start_image]
     first, last = self.run([prompt], [item], sink, stop_at_stage=stop_at_stage,
-                           start_images=start, progress=False)[1:]
+                           start_images=start, edits=None if edit is None else [edit],
+                           progress=False)[1:]
     return [sink.read(k, item) for k in range(first, last)]
 
   # --- the engine -------------------------------------------------------------------
@@ -565,11 +709,48 @@ class Cascade:
     emb, mask = self.text([prompts[i] for i in needed])
     return {p: i for i, p in enumerate(needed)}, emb, mask
 
+  def _negatives(self, edits, pending) -> dict | None:
+    """Negative prompt embeddings of the pending prompts: {prompt index: (emb, mask)}, an
+    empty or absent negative prompt being the dropped caption (zeros, all false)."""
+    if not edits or not any(e.negative_prompt for e in edits):
+      return None
+    wanted = sorted({edits[p].negative_prompt for p in pending if edits[p].negative_prompt})
+    emb, mask = self.text(wanted) if wanted else (None, None)
+    width = emb.shape[-1] if emb is not None else int(self.text.identity["d_model"])
+    zeros = (np.zeros((self.text.max_length, width), np.float32),
+             np.zeros((self.text.max_length,), bool))
+    row = {n: i for i, n in enumerate(wanted)}
+    return {p: ((emb[row[edits[p].negative_prompt]], mask[row[edits[p].negative_prompt]])
+                if edits[p].negative_prompt else zeros) for p in pending}
+
+  def _edit_batch(self, k: int, first: int, padded, edits, negatives) -> dict | None:
+    """`sample_stage`'s editing arrays for stage k and a padded batch, or None."""
+    if not edits:
+      return None
+    out = {}
+    if negatives is not None:
+      out["negative_emb"] = np.stack([negatives[it.prompt_index][0] for it in padded])
+      out["negative_mask"] = np.stack([negatives[it.prompt_index][1] for it in padded])
+    chosen = [edits[it.prompt_index] for it in padded]
+    size = self.stages[k].image_size
+    # SDEdit starts the base stage; SR stages take the stage below.
+    sdedit = k == first and not self.stages[k].is_sr and any(
+        e.strength is not None for e in edits)
+    if any(e.mask is not None for e in edits) or sdedit:
+      out["image"] = np.stack([e.image_at(size) for e in chosen])
+    if any(e.mask is not None for e in edits):
+      out["mask"] = np.stack([e.mask_at(size) for e in chosen])
+    if sdedit:
+      out["strength"] = np.array([1.0 if e.strength is None else e.strength for e in chosen],
+                                 np.float32)
+    return out or None
+
   def run(self, prompts: Sequence[str], items: Sequence[WorkItem], sink: Sink, *,
-          stop_at_stage: int | None = None, start_images=None, progress: bool = True,
-          row_extra: dict | None = None,
+          stop_at_stage: int | None = None, start_images=None, edits=None,
+          progress: bool = True, row_extra: dict | None = None,
           encode_all: bool = False) -> tuple[RunSummary, int, int]:
-    """Runs `items` through the stages, skipping images the sink already has.
+    """Runs `items` through the stages, skipping images the sink already has. `edits`:
+    None or one `Edit` per prompt.
 
     Only prompts with work left are encoded, unless `encode_all`: with several processes
     every process must make the same text-encoder calls (its mesh may span all of them).
@@ -588,6 +769,12 @@ class Cascade:
     if encode_all:
       pending = list(range(len(prompts)))
     row_of, emb, mask = self._embed(prompts, pending) if pending else ({}, None, None)
+    if edits is not None and len(edits) != len(prompts):
+      raise UserError(f"{len(edits)} edits for {len(prompts)} prompts; give one per prompt")
+    if edits and start is not None and any(e.strength is not None for e in edits):
+      raise UserError("strength (image-to-image) starts the base stage; it cannot be used "
+                      "with start images, which the SR stages take instead")
+    negatives = self._negatives(edits, pending)
     stats = []
     for k in range(first, last):
       stage = self.stages[k]
@@ -599,7 +786,8 @@ class Cascade:
         return {"prompt": prompts[it.prompt_index], "prompt_index": it.prompt_index,
                 "seed": it.seed, "sample": it.sample, "stage": k,
                 "file": output.image_file(k, it.prompt_index, it.sample),
-                "sampler": settings, **(row_extra or {})}
+                "sampler": settings, **(row_extra or {}),
+                **({"edit": edits[it.prompt_index].record()} if edits else {})}
 
       done = [it for it in items if sink.has(k, it)]
       todo = [it for it in items if not sink.has(k, it)]
@@ -622,7 +810,8 @@ class Cascade:
             lowres = np.stack([start[it.prompt_index] if start is not None and k == first
                                else sink.read(k - 1, it) for it in batch])
             lowres = np.concatenate([lowres, np.repeat(lowres[-1:], b - len(batch), 0)])
-          out = sampler([it.seed for it in padded], emb[rows], mask[rows], lowres)
+          out = sampler([it.seed for it in padded], emb[rows], mask[rows], lowres,
+                        self._edit_batch(k, first, padded, edits, negatives))
           # Write the previous batch while this one runs on the devices.
           if inflight is not None:
             self._finish(k, *inflight, sink, row, bar)
@@ -677,7 +866,7 @@ def load_cascade(stages: Sequence[Stage] = gin.REQUIRED, *, text_encoder: Any = 
 
 def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samples: int = 1,
                   seed: int = 0, stop_at_stage: int | None = None, start_images=None,
-                  grid_max_images: int = 64, process_index: int = 0, process_count: int = 1,
+                  edits: Sequence[Edit] | None = None, grid_max_images: int = 64, process_index: int = 0, process_count: int = 1,
                   barrier: Callable[[str], None] | None = None,
                   progress: bool = True) -> RunSummary:
   """Samples into out_dir: stage{k}/ PNGs, index.jsonl and grid.png (see output.py).
@@ -693,7 +882,7 @@ def sample_to_dir(cascade: Cascade, prompts: Sequence[str], out_dir, *, num_samp
   mine = process_share(items, process_index, process_count)
   sink = DirectorySink(out_dir, process_index, process_count)
   summary, _, last = cascade.run(prompts, mine, sink, stop_at_stage=stop_at_stage,
-                                 start_images=start_images,
+                                 start_images=start_images, edits=edits,
                                  progress=progress and process_index == 0,
                                  row_extra={"root_seed": int(seed)},
                                  encode_all=process_count > 1)

@@ -44,6 +44,13 @@ class SamplerSettings:
     aug_level: t_aug in [0, 1], the noise level of a super-resolution stage's low-resolution
       input (Imagen section 2.5); ignored by a base stage.
     eta: DDIM stochasticity (0 = deterministic DDIM, 1 = ancestral); only for "ddim".
+    guidance_scale_end: None (a constant scale) or the scale of the last step, reached
+      linearly over the steps from `guidance_scale` at the first.
+    guidance_interval: None, or (lo, hi): classifier-free guidance only where lo <= log-SNR
+      <= hi, the conditional model elsewhere (Kynkaanniemi et al. 2024).
+    guidance_rescale: CFG rescale's phi in [0, 1] (Lin et al. 2024; 0 = off, 0.7 theirs).
+    resample_steps: RePaint's resampling (Lugmayr et al. 2022) for "ddpm": each step taken
+      this many times, noised back in between; harmonises inpainted regions (1 = none).
   """
   sampler: str = "ddpm"
   num_steps: int = 256
@@ -52,6 +59,10 @@ class SamplerSettings:
   percentile: float = 99.5
   aug_level: float = 0.2
   eta: float = 0.0
+  guidance_scale_end: float | None = None
+  guidance_interval: tuple[float, float] | None = None
+  guidance_rescale: float = 0.0
+  resample_steps: int = 1
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -71,6 +82,18 @@ class SamplerSettings:
                       "0.1-0.3)")
     if self.eta < 0 or (self.eta and self.sampler != "ddim"):
       raise UserError(f"eta={self.eta} applies only to sampler='ddim' and must be >= 0")
+    if self.guidance_scale_end is not None and self.guidance_scale_end < 0:
+      raise UserError(f"guidance_scale_end={self.guidance_scale_end} must be >= 0 or None")
+    interval = self.guidance_interval
+    if interval is not None and (len(interval) != 2 or not interval[0] < interval[1]):
+      raise UserError(f"guidance_interval={interval!r} must be (lo, hi) log-SNRs with lo < hi, "
+                      "or None")
+    if isinstance(self.resample_steps, bool) or not isinstance(self.resample_steps, int) \
+        or self.resample_steps < 1 or (self.resample_steps > 1 and self.sampler != "ddpm"):
+      raise UserError(f"resample_steps={self.resample_steps!r} must be a positive integer, "
+                      "and > 1 only with sampler='ddpm'")
+    if not 0.0 <= self.guidance_rescale <= 1.0:
+      raise UserError(f"guidance_rescale={self.guidance_rescale} must be in [0, 1]")
 
   @property
   def stochastic(self) -> bool:
@@ -86,7 +109,27 @@ class SamplerSettings:
       out["eta"] = float(self.eta)
     if is_sr:
       out["aug_level"] = float(self.aug_level)
+    if self.guidance_scale_end is not None:
+      out["guidance_scale_end"] = float(self.guidance_scale_end)
+    if self.guidance_interval is not None:
+      out["guidance_interval"] = [float(v) for v in self.guidance_interval]
+    if self.guidance_rescale:
+      out["guidance_rescale"] = float(self.guidance_rescale)
+    if self.resample_steps > 1:
+      out["resample_steps"] = self.resample_steps
     return out
+
+  def guidance(self, model_fn, grid):
+    """model_fn with classifier-free guidance as these settings ask, over `grid`."""
+    scale = self.guidance_scale
+    if self.guidance_scale_end is not None:
+      # Linear over the model calls at grid[0 .. N-1], as a function of their log-SNR.
+      scales = np.linspace(self.guidance_scale, self.guidance_scale_end, self.num_steps)
+      calls = jnp.asarray(grid[:-1])
+      scale = lambda log_snr: jnp.interp(log_snr, calls, jnp.asarray(scales, jnp.float32))
+    return diffusion.classifier_free_guidance(model_fn, scale,
+                                              interval=self.guidance_interval,
+                                              rescale=self.guidance_rescale)
 
   def x0_transform(self):
     """The thresholding of x0_hat (Imagen section 2.3), or None."""
@@ -135,8 +178,18 @@ def stage_keys(seeds, stage_index: int):
   return keys[:, 0], keys[:, 1], keys[:, 2]
 
 
+def sdedit_start(strength, num_steps: int):
+  """The grid index where SDEdit (Meng et al. 2021) starts for strength in (0, 1]: the step
+  whose time t = 1 - i/N is nearest `strength`, at most N - 1 (one step at least);
+  strength 1 starts at 0, from pure noise."""
+  k = jnp.round((1.0 - jnp.asarray(strength, jnp.float32)) * num_steps).astype(jnp.int32)
+  return jnp.clip(k, 0, num_steps - 1)
+
+
 def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: int, *,
-                 text_emb, text_mask, lowres=None, aug_level=None):
+                 text_emb, text_mask, lowres=None, aug_level=None, negative_emb=None,
+                 negative_mask=None, image=None, mask=None, strength=None,
+                 classifier=None):
   """Samples one stage of the cascade for a batch; pure and jittable.
 
   Args:
@@ -151,23 +204,45 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
       augmentation at `settings.aug_level`, as in training), or None for a base stage.
     aug_level: overrides `settings.aug_level`; may be a traced scalar, so that one compiled
       program serves every level.
+    negative_emb, negative_mask: per-example negative prompts for the unconditional half of
+      classifier-free guidance (zeros and all-false = no negative prompt).
+    image, mask: inpainting at this stage's size: image float [B, H, W, C] in [-1, 1] and
+      mask [B, H, W, 1], 1 where regenerated and 0 where `image` is kept (GLIDE).
+    strength: SDEdit, float [B] in (0, 1]: start from `image` noised to that time (1 =
+      from pure noise, the plain sample).
+    classifier: None or (log_prob_fn(x_t, log_snr) -> [B], scale): classifier guidance
+      (Dhariwal & Nichol 2021) on top of classifier-free guidance.
 
   Returns:
     float32 [B, H, W, C] in [-1, 1] (unclipped); `conditioning.to_uint8_image` quantises.
   """
   k_init, k_aug, k_sampler = stage_keys(seeds, stage_index)
   size, channels = int(info.image_size), int(info.channels)
-  x_init = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(k_init)
+  noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(k_init)
+  grid = sampling_grid(info.schedule, settings.num_steps)
   cond = {"text_emb": text_emb, "text_mask": text_mask}
+  if negative_emb is not None:
+    cond.update(negative_text_emb=negative_emb, negative_text_mask=negative_mask)
   if lowres is not None:
     t_aug = settings.aug_level if aug_level is None else aug_level
     aug_log_snr = diffusion.get_schedule(info.aug_schedule)(jnp.asarray(t_aug, jnp.float32))
     cond.update(conditioning.augment_lowres(conditioning.to_float_image(lowres), size,
                                             info.lowres_resize, aug_log_snr, k_aug))
-  guided = diffusion.classifier_free_guidance(model_fn, settings.guidance_scale)
+  guided = settings.guidance(model_fn, grid)
+  if classifier is not None:
+    guided = diffusion.classifier_guidance(guided, classifier[0], classifier[1],
+                                           objective=info.objective)
+  x0_transform = settings.x0_transform()
+  if mask is not None:
+    x0_transform = diffusion.inpaint_transform(image, mask, x0_transform)
+  x_init, start = noise, None
+  if strength is not None:
+    start = sdedit_start(strength, settings.num_steps)
+    noised = diffusion.q_sample(image, jnp.asarray(grid)[start], noise)
+    x_init = jnp.where((start == 0)[:, None, None, None], noise, noised)
   return diffusion.sample(lambda x, log_snr: guided(x, log_snr, **cond), x_init,
-                          jnp.asarray(sampling_grid(info.schedule, settings.num_steps)),
-                          method=settings.sampler,
+                          jnp.asarray(grid), method=settings.sampler,
                           rng=k_sampler if settings.stochastic else None,
-                          objective=info.objective, x0_transform=settings.x0_transform(),
-                          eta=settings.eta)
+                          objective=info.objective, x0_transform=x0_transform,
+                          eta=settings.eta, start_index=start,
+                          resample_steps=settings.resample_steps)

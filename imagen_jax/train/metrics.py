@@ -103,9 +103,3 @@ def console_line(step: int, total: int, scalars: dict) -> str:
     if name in scalars and scalars[name] is not None:
       parts.append(f"{name} " + fmt.format(scalars[name]))
   return "  ".join(parts)
-
-
-def to_uint8(x) -> np.ndarray:
-  """float [-1, 1] -> uint8 [0, 255]."""
-  x = np.asarray(x, np.float32)
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

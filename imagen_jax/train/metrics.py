@@ -99,7 +99,8 @@ def console_line(step: int, total: int, scalars: dict) -> str:
   for name, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("learning_rate", "{:.2e}"),
                     ("steps_per_s", "{:.2f}"), ("examples_per_s", "{:.1f}"), ("mfu", "{:.2%}"),
                     ("hfu", "{:.2%}"), ("val_loss", "{:.4f}"), ("val_loss_ema", "{:.4f}"),
-                    ("decode_failures", "{:.0f}")):
+                    ("decode_failures", "{:.0f}"), ("eval/fid", "{:.2f}"),
+                    ("eval/clip_score", "{:.2f}")):
     if name in scalars and scalars[name] is not None:
       parts.append(f"{name} " + fmt.format(scalars[name]))
   return "  ".join(parts)

@@ -150,7 +150,7 @@ def test_repaint_resampling_keeps_the_gaussian_marginal():
 def test_stage_settings_build_the_linear_guidance_schedule(inputs):  # noqa: F811
   """SamplerSettings.guidance: the scale goes linearly from guidance_scale at the first
   model call to guidance_scale_end at the last, over the stage's grid."""
-  from imagen_jax.sample import stage
+  from imagen_jax.diffusion import stage
   x, _, cond = inputs
   settings = stage.SamplerSettings(num_steps=5, guidance_scale=2.0, guidance_scale_end=6.0)
   grid = stage.sampling_grid("cosine", 5)

@@ -63,7 +63,8 @@ def test_drawbench_ships_the_papers_200_prompts_in_11_categories():
   assert len(prompts) == 200 and len({p.prompt for p in prompts}) == 200
   sizes = {c: sum(p.category == c for p in prompts) for c in drawbench.categories()}
   assert sizes == PAPER_SIZES
-  assert output.read_prompts("drawbench") == [p.prompt for p in prompts]
+  from imagen_jax.cli import sample as sample_cli
+  assert sample_cli.read_prompts_arg("drawbench") == [p.prompt for p in prompts]
   assert drawbench.category_of("A red colored car.") == "Colors"
 
 

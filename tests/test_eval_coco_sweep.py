@@ -164,7 +164,6 @@ def test_sweep_command_samples_and_scores_each_weight(tmp_path, weights_file, cl
 
 
 def test_train_eval_every_logs_fid_and_clip_score(tmp_path, weights_file, clip_dir):
-  import gin
   import test_train_lib as lib
   from imagen_jax.eval import in_training
   from imagen_jax.eval import inception
@@ -178,13 +177,12 @@ def test_train_eval_every_logs_fid_and_clip_score(tmp_path, weights_file, clip_d
   extractor = fid.FeatureExtractor(inception.load_inception(weights_file[0]), batch_size=8)
   ref = tmp_path / "ref.npz"
   fid.save_statistics(ref, *fid.feature_statistics(extractor(list(real), progress=False)))
-  gin.bind_parameter("TrainingEval.reference_stats", str(ref))
-  gin.bind_parameter("TrainingEval.inception_weights", str(weights_file[0]))
-  gin.bind_parameter("TrainingEval.clip_dir", str(clip_dir))
-  gin.bind_parameter("TrainingEval.num_images", 10)  # two batches of 8, the last cut
-  gin.bind_parameter("TrainingEval.batch_size", 8)
+  config = in_training.TrainingEval(
+      reference_stats=str(ref), inception_weights=str(weights_file[0]),
+      clip_dir=str(clip_dir), num_images=10, batch_size=8)  # two batches of 8, the last cut
   out = loop.train(model_dir=str(tmp_path / "run"), dataset=None, batch_size=8,
-                   train_steps=2, eval_every=2, sample_steps=2, log_every=1,
+                   train_steps=2, eval_every=2, training_eval=config, sample_steps=2,
+                   log_every=1,
                    checkpoint_every=2, progress=False, tensorboard=False,
                    create_model_fn=lib.tiny_create(), pipeline=Captioned(8))
   metrics = out["metrics"]

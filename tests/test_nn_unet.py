@@ -138,8 +138,9 @@ def test_base_output_is_finite_and_uses_every_input(base, base_reference):
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
   # The model holds no RNG state: dropout keys come from dropout_rng only.
   assert not jax.tree.leaves(base[2])
-  # train=True without dropout is the deterministic forward pass.
-  np.testing.assert_allclose(np.asarray(forward(*base, batch)), out, rtol=1e-5, atol=1e-6)
+  # train=True without dropout is the deterministic forward pass (up to float32 rounding:
+  # the reference comes from the program that also takes gradients, fused differently).
+  np.testing.assert_allclose(np.asarray(forward(*base, batch)), out, rtol=1e-5, atol=1e-5)
   # Text matters: changing a real token changes that row (and no other row).
   changed = dict(batch, text_emb=batch["text_emb"].copy())
   changed["text_emb"][0, 2] += np.linspace(-1.0, 1.0, TEXT_DIM)  # LayerNorm removes constants

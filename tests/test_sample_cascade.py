@@ -345,7 +345,7 @@ def test_encoder_mismatch_is_refused(cascade):
 @pytest.mark.parametrize("k", [0, 1])
 def test_trainer_preview_gives_the_imagen_sample_images(cascade, k):
   """The trainer's preview of a checkpoint (train/loop.py) and `imagen-sample` on it give the
-  same images for the same prompts, seed and settings: both run sample/stage.py."""
+  same images for the same prompts, seed and settings: both run diffusion/stage.py."""
   from imagen_jax.train import loop
   stage = cascade.stages[k]
   settings = stage.config.sampling

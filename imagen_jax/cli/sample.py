@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def read_prompts_arg(value: str) -> list[str]:
+  """--prompts: a file, or `drawbench` for DrawBench's 200 prompts (a file of that name is
+  read as `./drawbench`)."""
+  if value == "drawbench":
+    from imagen_jax.eval import drawbench
+    return drawbench.prompts()
+  from imagen_jax.sample import output
+  return output.read_prompts(value)
+
+
 def _main(argv: Sequence[str] | None) -> int:
   args = gin_utils.parse_args(build_parser(), argv)
   dist = hosts.initialize(args)  # before any JAX computation
@@ -97,7 +107,7 @@ def _main(argv: Sequence[str] | None) -> int:
   gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_paths)
 
   # Inputs first: a bad prompts or edits file fails before any checkpoint is loaded.
-  prompts = output.read_prompts(args.prompts) if args.prompts else None
+  prompts = read_prompts_arg(args.prompts) if args.prompts else None
   start_images, edits = None, None
   if args.edits:
     if prompts is not None or args.start_image:

@@ -42,6 +42,7 @@ def _main(argv: Sequence[str] | None) -> int:
   hosts.initialize(args)
   # Registers every configurable an experiment file may bind.
   import imagen_jax.nn  # noqa: F401
+  import imagen_jax.eval.in_training  # noqa: F401  (TrainingEval, for train.eval_every)
   from imagen_jax.train import loop
   import gin
   gin.clear_config()  # main() may run more than once in a process (tests, notebooks)

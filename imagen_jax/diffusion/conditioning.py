@@ -1,7 +1,7 @@
 """Images to and from the model's range, and the low-resolution input of a super-resolution
 stage: upsampling and noise conditioning augmentation.
 
-Training (train/step.py) and sampling (sample/stage.py) both call these, so an SR stage sees
+Training (train/step.py) and sampling (diffusion/stage.py) both call these, so an SR stage sees
 its low-resolution input the same way in both.
 """
 

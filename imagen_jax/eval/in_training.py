@@ -55,6 +55,11 @@ class TrainingEval:
       raise UserError("train.eval_every is set but TrainingEval has neither reference_stats "
                       "(FID) nor clip_dir (CLIP score); set one, or eval_every=0")
 
+  def evaluator(self, mesh=None) -> "TrainingEvaluator":
+    """Loads the networks (outside any mesh context: each is placed by its own
+    shardings)."""
+    return TrainingEvaluator(self, mesh=mesh)
+
 
 class TrainingEvaluator:
   """`evaluator(images, captions) -> {"eval/fid": ..., "eval/clip_score": ...}`."""
@@ -65,7 +70,7 @@ class TrainingEvaluator:
     self._extractor = None
     self._reference = None
     self._scorer = None
-    self._load()  # outside any mesh context: each network is placed by its own shardings
+    self._load()
 
   def _load(self) -> None:
     from imagen_jax.eval import clip_score, fid, inception

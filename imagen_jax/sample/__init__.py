@@ -19,5 +19,5 @@ from imagen_jax.sample.cascade import load_stage
 from imagen_jax.sample.cascade import process_share
 from imagen_jax.sample.cascade import sample_to_dir
 from imagen_jax.sample.cascade import work_items
-from imagen_jax.sample.stage import SamplerSettings
-from imagen_jax.sample.stage import sample_stage
+from imagen_jax.diffusion.stage import SamplerSettings
+from imagen_jax.diffusion.stage import sample_stage

@@ -48,8 +48,8 @@ from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample import output
-from imagen_jax.sample import stage as stage_lib
-from imagen_jax.sample.stage import SAMPLERS, THRESHOLDINGS, image_seeds  # noqa: F401
+from imagen_jax.diffusion import stage as stage_lib
+from imagen_jax.diffusion.stage import SAMPLERS, THRESHOLDINGS, image_seeds  # noqa: F401
 # Imported here, not lazily: it registers gin configurables, which gin refuses once a
 # CLI has parsed (and locked) its config.
 from imagen_jax.train import checkpoint
@@ -81,7 +81,7 @@ class Stage(stage_lib.SamplerSettings):
     step: checkpoint step to load; None = the latest.
     use_ema: load the EMA parameters (the default, as Imagen samples from EMA weights).
     sampler, num_steps, guidance_scale, thresholding, percentile, aug_level, eta: see
-      `SamplerSettings` (sample/stage.py); the property `sampling` gives them alone.
+      `SamplerSettings` (diffusion/stage.py); the property `sampling` gives them alone.
     batch_size: images per batch for this stage; None = the cascade's batch size.
   """
   model_dir: str = ""

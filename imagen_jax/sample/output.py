@@ -34,19 +34,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Inputs.
 
 
-DRAWBENCH = "drawbench"  # the name that selects the packaged DrawBench prompts
-
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
   """One prompt per line; surrounding whitespace is stripped and blank lines are skipped.
 
-  `prompt_index` in the outputs counts the non-blank lines from 0. The name `drawbench`
-  gives DrawBench's 200 prompts (`imagen_jax.eval.drawbench`); a file of that name is
-  read as `./drawbench`.
+  `prompt_index` in the outputs counts the non-blank lines from 0.
   """
-  if os.fspath(path) == DRAWBENCH:
-    from imagen_jax.eval import drawbench
-    return drawbench.prompts()
   path = epath.Path(path)
   if not path.exists():
     raise UserError(f"prompts file {os.fspath(path)!r} does not exist")

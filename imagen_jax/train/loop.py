@@ -48,7 +48,7 @@ from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import hosts
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.sample import stage as stage_lib
+from imagen_jax.diffusion import stage as stage_lib
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import initial_state as initial_lib
 from imagen_jax.train import metrics as metrics_lib
@@ -287,7 +287,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           async_checkpoint: bool = True, log_every: int = 100, val_every: int = 0,
           val_batches: int = 2, sample_every: int = 0, num_samples: int = 8,
           sample_steps: int = 64, sample_method: str = "ddim", guidance_scale: float = 3.0,
-          eval_every: int = 0, init_from: str | None = None, init_from_ema: bool = False,
+          eval_every: int = 0, training_eval=None, init_from: str | None = None, init_from_ema: bool = False,
           peak_flops_per_device: float | None = None, stop_after: int | None = None,
           max_minutes: float | None = None, max_nonfinite_steps: int = 20,
           progress: bool = True, tensorboard: bool = True,
@@ -317,8 +317,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     val_every, val_batches: validation loss at fixed noise levels every val_every steps.
     sample_every, num_samples, sample_steps, sample_method, guidance_scale: a grid of EMA
       samples for the first num_samples validation (else training) captions.
-    eval_every: FID and CLIP score of EMA samples every eval_every steps, as
-      `TrainingEval` (eval/in_training.py, gin) sets them (0 = off).
+    eval_every, training_eval: EMA samples scored every eval_every steps (0 = off) by
+      training_eval (`@TrainingEval()`, FID and CLIP score: eval/in_training.py).
     init_from: another run's MODEL_DIR to fine-tune from (params; new optimizer state).
     init_from_ema: start the EMA from that run's EMA instead of from its params.
     peak_flops_per_device: for MFU; None measures a matmul's FLOP/s.
@@ -345,8 +345,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
 
   # The model, abstract first: nothing allocated before the shardings are known.
   if create_model_fn is None:
-    from imagen_jax import nn as nn_lib
-    create_model_fn = nn_lib.create_model
+    from imagen_jax.nn import create_model as create_model_fn
 
   def create():  # a fresh Rngs per call: it is mutated while the model is built
     return create_model_fn(rngs=nnx.Rngs(params=seed, dropout=seed + 1))
@@ -384,10 +383,9 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every,
           val_batches=val_batches, sample_every=sample_every, num_samples=num_samples,
           sample_steps=sample_steps, sample_method=sample_method,
-          guidance_scale=guidance_scale, eval_every=eval_every, stop_after=stop_after,
-          max_minutes=max_minutes,
-          max_nonfinite_steps=max_nonfinite_steps, progress=progress,
-          tensorboard=tensorboard, started=started))
+          guidance_scale=guidance_scale, eval_every=eval_every, training_eval=training_eval,
+          stop_after=stop_after, max_minutes=max_minutes, progress=progress,
+          max_nonfinite_steps=max_nonfinite_steps, tensorboard=tensorboard, started=started))
   try:
     state, step, status = _run_steps(run, init.state, start_step, itertools.chain([first],
                                                                                   batches))
@@ -417,6 +415,7 @@ class LoopSettings:
   sample_method: str
   guidance_scale: float
   eval_every: int
+  training_eval: Any
   stop_after: int | None
   max_minutes: float | None
   max_nonfinite_steps: int
@@ -447,8 +446,9 @@ def _make_run(init, step_fn: CompiledStep, checkpointer, *, mesh, model_dir, los
   training_eval = None
   if c.eval_every:
     training_eval = _make_training_eval(
-        _make_sampler(init.graphdef, init.rest, info, mesh, c.batch_size, c.sample_steps,
-                      c.sample_method, c.guidance_scale, seed),
+        c.training_eval, _make_sampler(init.graphdef, init.rest, info, mesh, c.batch_size,
+                                       c.sample_steps, c.sample_method, c.guidance_scale,
+                                       seed),
         sample_source, mesh, seed, c.batch_size)
   periodic = functools.partial(
       _periodic, eval_fn=eval_fn, val_every=c.val_every, val_batches=c.val_batches,
@@ -653,16 +653,17 @@ def _make_sampler(graphdef, rest, info, mesh, num_samples, num_steps, method,
   return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
 
 
-def _make_training_eval(sampler, source, mesh, seed: int, batch_size: int):
-  """`run(state) -> {"eval/fid", "eval/clip_score"}`: EMA samples of the first
-  `TrainingEval.num_images` examples of `source` (fixed: the same captions and seeds at
-  every evaluation), scored by `eval.in_training` against their captions."""
-  from imagen_jax.eval import in_training
+def _make_training_eval(config, sampler, source, mesh, seed: int, batch_size: int):
+  """`run(state) -> metrics`: EMA samples of the first `config.num_images` examples of
+  `source` (fixed: the same captions and seeds at every evaluation), scored against their
+  captions by `config.evaluator(mesh)` (e.g. eval.in_training.TrainingEval)."""
+  if config is None:
+    raise UserError("train.eval_every is set but train.training_eval is not: bind "
+                    "train.training_eval = @TrainingEval() (docs/eval.md), or eval_every=0")
   if jax.process_count() > 1:
     raise UserError("train.eval_every runs in single-process training; score a checkpoint "
                     "with imagen-sample and imagen-eval fid / clip_score instead")
-  config = in_training.TrainingEval()
-  evaluator = in_training.TrainingEvaluator(config, mesh=mesh)
+  evaluator = config.evaluator(mesh)
   num_batches = -(-config.num_images // batch_size)
 
   def run(state) -> dict:

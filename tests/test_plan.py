@@ -129,6 +129,7 @@ def test_plans_the_experiments_optimizer(tiny_plans, capsys):
   adam = tiny_plans["data:1"]
   assert plan_cli.main(["--gin_file=experiments/tiny_base.gin", "--mesh=data:1", "--batch=8",
                         "--gin.make_optimizer.name='adafactor'", "--no_compile",
+                        "--gin.UNet.num_res_blocks=1", "--gin.MAX_LENGTH=16",  # the fixture's
                         "--json"]) == 0
   plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert (adam["optimizer"], plan["optimizer"]) == ("adam", "adafactor")

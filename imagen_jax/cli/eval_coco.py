@@ -100,7 +100,6 @@ def _reference(args) -> None:
 def _sweep(args) -> None:
   from imagen_jax.cli import sample as sample_cli
   from imagen_jax.eval import clip_score, fid, inception, sweep
-  from imagen_jax.eval import images as images_lib
   weights = sweep.parse_weights(args.guidance)
   reference = fid.load_statistics(args.reference)
   progress = not args.no_progress
@@ -118,9 +117,8 @@ def _sweep(args) -> None:
     sample_cli._main(argv)  # pylint: disable=protected-access
 
   def evaluate(directory):
-    images, _ = images_lib.load_image_set(directory, args.stage)
-    features = extractor(images, progress=progress, desc=f"{directory.name} features")
-    value = fid.frechet_distance(*fid.feature_statistics(features), *reference)
+    stats, _ = fid.statistics_of(directory, extractor, stage=args.stage, progress=progress)
+    value = fid.frechet_distance(*stats, *reference)
     return value, clip_score.score_samples(directory, scorer, args.stage)["clip_score"]
 
   points = sweep.run_sweep(weights, sample, evaluate, args.out_dir)

@@ -70,26 +70,22 @@ def write_prompts(path: str | os.PathLike, drawn: list[Caption]) -> None:
   epath.Path(os.fspath(path) + ".json").write_text(json.dumps(meta, indent=0) + "\n")
 
 
-class CroppedImages(Sequence):
+class CroppedImages(images_lib.ImageFiles):
   """Image files read as the training data is prepared: the central square, resized to
   `resolution` (`data.preprocess.resize_center_crop`), so real and sampled images are
   compared at the same resolution."""
 
   def __init__(self, files: Sequence[epath.Path], resolution: int):
-    self.files, self.resolution = list(files), resolution
+    super().__init__(files)
+    self.resolution = resolution
 
-  def __len__(self) -> int:
-    return len(self.files)
+  def _subset(self, files):
+    return CroppedImages(files, self.resolution)
 
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return CroppedImages(self.files[i], self.resolution)
+  def _read(self, file):
     from PIL import Image
-    try:
-      with self.files[i].open("rb") as f:
-        return preprocess.resize_center_crop(Image.open(f), self.resolution)
-    except OSError as e:
-      raise UserError(f"cannot read image {os.fspath(self.files[i])}: {e}") from e
+    with file.open("rb") as f:
+      return preprocess.resize_center_crop(Image.open(f), self.resolution)
 
 
 def reference_images(images_dir: str | os.PathLike, resolution: int,

@@ -36,11 +36,17 @@ class ImageFiles(Sequence):
 
   def __getitem__(self, i):
     if isinstance(i, slice):
-      return ImageFiles(self.files[i])
+      return self._subset(self.files[i])
     try:
-      return output.read_image(self.files[i])
+      return self._read(self.files[i])
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError
       raise UserError(f"cannot read image {os.fspath(self.files[i])}: {e}") from e
+
+  def _subset(self, files: Sequence[epath.Path]) -> "ImageFiles":
+    return ImageFiles(files)
+
+  def _read(self, file: epath.Path) -> np.ndarray:
+    return output.read_image(file)
 
 
 def _image_files(folder: epath.Path) -> list[epath.Path]:

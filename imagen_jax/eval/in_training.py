@@ -88,11 +88,8 @@ class TrainingEvaluator:
     metrics = {}
     if self._extractor is not None:
       features = self._extractor(images, progress=False)
-      mu, sigma = fid.feature_statistics(features)
-      if mu.shape != self._reference[0].shape:
-        raise UserError(f"{self.config.reference_stats}: statistics of dimension "
-                        f"{self._reference[0].shape[0]}, features of {mu.shape[0]}")
-      metrics["eval/fid"] = fid.frechet_distance(mu, sigma, *self._reference)
+      metrics["eval/fid"] = fid.frechet_distance(*fid.feature_statistics(features),
+                                                 *self._reference)
     if self._scorer is not None:
       metrics["eval/clip_score"] = float(np.mean(self._scorer.pair_scores(images, captions)))
     return metrics

@@ -91,6 +91,19 @@ on_error() {
   exit "$status"
 }
 trap on_error ERR
+# "<label>: N of M steps", flagging a stage that its time guard stopped early. The steps
+# reached are the last checkpoint's; the plan is TRAIN_STEPS of the run's config.gin.
+report_steps() {
+  local label="$1" dir="$2" reached planned
+  reached="$(ls "$dir/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)"
+  planned="$(sed -n 's/^TRAIN_STEPS = \([0-9]*\)$/\1/p' "$dir/config.gin" 2>/dev/null | tail -1)"
+  if [ -n "$reached" ] && [ -n "$planned" ] && [ "$reached" -lt "$planned" ]; then
+    guard_fired=1
+    printf '  %-20s %5s of %5s steps   STOPPED EARLY by its time guard\n' "$label" "$reached" "$planned"
+  else
+    printf '  %-20s %5s of %5s steps\n' "$label" "${reached:-?}" "${planned:-?}"
+  fi
+}
 
 # ---- 0. environment
 phase "0. environment (.venv)"
@@ -190,5 +203,15 @@ trap - ERR
 echo
 echo "== quickstart finished in $(elapsed "$start")s"
 printf '%s\n' "${summary[@]}"
+echo "training steps reached (the scores above are of these models):"
+guard_fired=0
+report_steps "base model 16x16" "$out/base"
+report_steps "SR model 16->64" "$out/sr"
+if [ "$guard_fired" = 1 ]; then
+  echo "NOTE: a time guard (train.max_minutes) stopped training early on this machine, so" \
+       "the models are undertrained and the scores are lower than a full run's. Rerun the" \
+       "same command to continue training from the checkpoints (then sampling and scoring" \
+       "run again on the continued models)."
+fi
 echo "samples: $out/samples/grid.png (prompts under each image), stage0/ 16 px, stage1/ 64 px"
 echo "scores:  $out/samples/shapesbench.json"

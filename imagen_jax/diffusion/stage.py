@@ -51,6 +51,12 @@ class SamplerSettings:
     guidance_rescale: CFG rescale's phi in [0, 1] (Lin et al. 2024; 0 = off, 0.7 theirs).
     resample_steps: RePaint's resampling (Lugmayr et al. 2022) for "ddpm": each step taken
       this many times, noised back in between; harmonises inpainted regions (1 = none).
+    lowres_start: a super-resolution stage's start time in (0, 1]. 1 starts from pure
+      noise (Imagen). Below 1 it starts from the upsampled low-resolution image noised to
+      that time, as SDEdit starts from its input (Meng et al. 2021): the stage then only
+      refines, and a briefly trained SR model still returns a clean upsampling. A model
+      trained with `LossConfig.max_time = T` has only seen t <= T: start there or below.
+      Ignored by a base stage.
   """
   sampler: str = "ddpm"
   num_steps: int = 256
@@ -63,6 +69,7 @@ class SamplerSettings:
   guidance_interval: tuple[float, float] | None = None
   guidance_rescale: float = 0.0
   resample_steps: int = 1
+  lowres_start: float = 1.0
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -94,6 +101,9 @@ class SamplerSettings:
                       "and > 1 only with sampler='ddpm'")
     if not 0.0 <= self.guidance_rescale <= 1.0:
       raise UserError(f"guidance_rescale={self.guidance_rescale} must be in [0, 1]")
+    if not 0.0 < self.lowres_start <= 1.0:
+      raise UserError(f"lowres_start={self.lowres_start} must be a time in (0, 1] (1 = from "
+                      "pure noise)")
 
   @property
   def stochastic(self) -> bool:
@@ -117,6 +127,8 @@ class SamplerSettings:
       out["guidance_rescale"] = float(self.guidance_rescale)
     if self.resample_steps > 1:
       out["resample_steps"] = self.resample_steps
+    if is_sr and self.lowres_start < 1.0:
+      out["lowres_start"] = float(self.lowres_start)
     return out
 
   def guidance(self, model_fn, grid):
@@ -216,18 +228,30 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
   Returns:
     float32 [B, H, W, C] in [-1, 1] (unclipped); `conditioning.to_uint8_image` quantises.
   """
+  max_time = float(getattr(info, "max_time", 1.0))
+  start_time = settings.lowres_start if lowres is not None else 1.0
+  if start_time > max_time + 1e-6:
+    raise UserError(f"this {info.image_size}px stage was trained on t <= {max_time:g} "
+                    f"(LossConfig.max_time) but would start sampling at t = {start_time:g}: "
+                    f"set its Stage.lowres_start to {max_time:g} or less")
   k_init, k_aug, k_sampler = stage_keys(seeds, stage_index)
   size, channels = int(info.image_size), int(info.channels)
   noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(k_init)
   grid = sampling_grid(info.schedule, settings.num_steps)
   cond = {"text_emb": text_emb, "text_mask": text_mask}
+  start_image = image
   if negative_emb is not None:
     cond.update(negative_text_emb=negative_emb, negative_text_mask=negative_mask)
   if lowres is not None:
     t_aug = settings.aug_level if aug_level is None else aug_level
     aug_log_snr = diffusion.get_schedule(info.aug_schedule)(jnp.asarray(t_aug, jnp.float32))
-    cond.update(conditioning.augment_lowres(conditioning.to_float_image(lowres), size,
-                                            info.lowres_resize, aug_log_snr, k_aug))
+    lowres = conditioning.to_float_image(lowres)
+    cond.update(conditioning.augment_lowres(lowres, size, info.lowres_resize, aug_log_snr,
+                                            k_aug))
+    if settings.lowres_start < 1.0 and strength is None:
+      # Start from the (clean) upsampled low-resolution image noised to lowres_start.
+      start_image = conditioning.upsample(lowres, size, "bilinear")
+      strength = jnp.full(lowres.shape[:1], settings.lowres_start, jnp.float32)
   guided = settings.guidance(model_fn, grid)
   if classifier is not None:
     guided = diffusion.classifier_guidance(guided, classifier[0], classifier[1],
@@ -238,7 +262,7 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
   x_init, start = noise, None
   if strength is not None:
     start = sdedit_start(strength, settings.num_steps)
-    noised = diffusion.q_sample(image, jnp.asarray(grid)[start], noise)
+    noised = diffusion.q_sample(start_image, jnp.asarray(grid)[start], noise)
     x_init = jnp.where((start == 0)[:, None, None, None], noise, noised)
   return diffusion.sample(lambda x, log_snr: guided(x, log_snr, **cond), x_init,
                           jnp.asarray(grid), method=settings.sampler,

@@ -46,6 +46,9 @@ class LossConfig:
   cond_drop_prob: float = 0.1      # caption dropped for classifier-free guidance
   aug_schedule: str = "cosine"     # t_aug -> log-SNR of the low-res augmentation (SR stages)
   aug_max: float = 0.5             # t_aug ~ U[0, aug_max]
+  # t ~ U[0, max_time]. Below 1, for a super-resolution stage that samples from its
+  # upsampled input noised to t = max_time (SamplerSettings.lowres_start), not from noise.
+  max_time: float = 1.0
   # "none": the low-res image is noised at its own size and the model resizes it (the
   # EfficientUNet contract); or a jax.image.resize method to upsample before noising.
   lowres_resize: str = "none"
@@ -62,6 +65,9 @@ class LossConfig:
       raise UserError(f"LossConfig.cond_drop_prob={self.cond_drop_prob} must be in [0, 1]")
     if not 0.0 <= self.aug_max <= 1.0:
       raise UserError(f"LossConfig.aug_max={self.aug_max} must be in [0, 1]")
+    if not 0.0 < self.max_time <= 1.0:
+      raise UserError(f"LossConfig.max_time={self.max_time} must be in (0, 1] (1 = every "
+                      "noise level, as Imagen trains)")
     return self
 
 
@@ -84,7 +90,7 @@ def noise_and_conditioning(batch: dict, keys, cfg: LossConfig, *, train: bool = 
   k_t, k_noise, k_drop, k_aug, k_aug_noise = (split[:, i] for i in range(5))
   noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
   if fixed_log_snr is None:
-    t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(k_t)
+    t = cfg.max_time * jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(k_t)
     log_snr = schedules.get_schedule(cfg.schedule)(t)
   else:
     log_snr = jnp.broadcast_to(jnp.asarray(fixed_log_snr, jnp.float32), (b,))
@@ -226,8 +232,9 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
 
 
 def validation_levels(cfg: LossConfig):
-  """Fixed log-SNRs at t = (i + 1/2) / K, i = 0..K-1 (interior of [0, 1], so all finite)."""
-  t = (jnp.arange(cfg.val_levels, dtype=jnp.float32) + 0.5) / cfg.val_levels
+  """Fixed log-SNRs at t = max_time (i + 1/2) / K, i = 0..K-1 (interior of the trained
+  range, so all finite)."""
+  t = cfg.max_time * (jnp.arange(cfg.val_levels, dtype=jnp.float32) + 0.5) / cfg.val_levels
   return schedules.get_schedule(cfg.schedule)(t)
 
 

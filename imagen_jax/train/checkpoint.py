@@ -65,6 +65,7 @@ class ModelInfo:
   schedule: str = "cosine"
   aug_schedule: str = "cosine"
   lowres_resize: str = "none"
+  inpaint_channels: int = 0
   encoder: dict | None = None
   num_params: int | None = None
   param_shapes_sha256: str | None = None
@@ -108,7 +109,7 @@ def model_info(model: nnx.Module, params, *, loss_cfg, encoder: dict | None) -> 
       text_dim=int(model.text_dim), channels=int(getattr(model, "channels", 3)),
       objective=loss_cfg.objective, schedule=loss_cfg.schedule,
       aug_schedule=loss_cfg.aug_schedule, lowres_resize=loss_cfg.lowres_resize,
-      encoder=encoder, num_params=nn.param_count(params),
+      inpaint_channels=int(getattr(model, "inpaint_channels", 0)), encoder=encoder, num_params=nn.param_count(params),
       param_shapes_sha256=param_shapes_digest(params))
 
 

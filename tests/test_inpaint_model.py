@@ -63,7 +63,8 @@ def test_mask_shares_and_coverage(drawn):
 
 def test_masks_are_deterministic_per_key(drawn):
   cfg, keys, m, _ = drawn
-  again = np.asarray(masks.random_masks(keys[:8][::-1], 16, cfg))[::-1, ..., 0]
+  again = np.asarray(jax.jit(lambda k: masks.random_masks(k, 16, cfg))(keys[:8][::-1])
+                     )[::-1, ..., 0]
   np.testing.assert_array_equal(again, m[:8])       # any batch order, any batch size
   assert len({m[i].tobytes() for i in range(64)}) > 40
 
@@ -77,12 +78,19 @@ def test_bad_mask_config_is_a_user_error():
 
 # ----------------------------------------------------------------------- model and step
 
-def _model(gin_text: str):
+def _model(gin_text: str, abstract: bool = False):
   gin.clear_config()
   gin.parse_config(gin_text)
-  model = nn.create_model(rngs=nnx.Rngs(params=0))
+  create = lambda: nn.create_model(rngs=nnx.Rngs(params=0))
+  model = nnx.eval_shape(create) if abstract else create()
   gin.clear_config()
   return model
+
+
+@nnx.jit
+def _call(model, args, kw):
+  """model(*args, **kw), compiled (eager U-Net calls are slow on 2 cores)."""
+  return model(*args, **kw)
 
 
 def _inputs(model, b=2, seed=0):
@@ -104,16 +112,17 @@ def test_unet_inpaint_channels_and_bad_input():
   model = _model(BASE_GIN + INPAINT.format(cls="UNet"))
   args, _ = _inputs(model)
   inpaint = np.ones((2, 8, 8, 4), np.float32)
-  out = model(*args.values(), inpaint=inpaint)
+  args = tuple(args.values())
+  out = _call(model, args, {"inpaint": inpaint})
   assert out.shape == (2, 8, 8, 3)
   assert model.input_conv.kernel.value.shape[-2] == 3 + 4
   with pytest.raises(UserError, match="inpaint_channels=4"):
-    model(*args.values())
+    _call(model, args, {})
   with pytest.raises(UserError, match="inpaint_channels=4"):
-    model(*args.values(), inpaint=inpaint[..., :3])
-  plain = _model(BASE_GIN)
+    _call(model, args, {"inpaint": inpaint[..., :3]})
+  plain = _model(BASE_GIN, abstract=True)
   with pytest.raises(UserError, match="without inpaint_channels"):
-    plain(*args.values(), inpaint=inpaint)
+    plain._inpaint_input(args[0], inpaint)    # the check __call__ makes
 
 
 def test_training_draws_masks_and_the_masked_image():
@@ -122,16 +131,19 @@ def test_training_draws_masks_and_the_masked_image():
            "text_mask": np.ones((4, 4), bool)}
   keys = step_lib.example_keys(jax.random.key(3), jnp.arange(4))
   cfg = step_lib.LossConfig()
-  x, _, noise, cond = step_lib.noise_and_conditioning(batch, keys, cfg,
-                                                      mask_cfg=masks.MaskConfig())
-  plain = step_lib.noise_and_conditioning(batch, keys, cfg)
+  draw = jax.jit(lambda b, k, m: step_lib.noise_and_conditioning(b, k, cfg, mask_cfg=m),
+                 static_argnums=2)
+  x, _, noise, cond = draw(batch, keys, masks.MaskConfig())
+  plain = draw(batch, keys, None)
   np.testing.assert_array_equal(noise, plain[2])     # the other draws are unchanged
   m = np.asarray(cond["inpaint"][..., 3:])
   np.testing.assert_array_equal(cond["inpaint"][..., :3], np.asarray(x) * (1 - m))
   k_mask = jax.vmap(lambda k: jax.random.fold_in(k, 5))(keys)
-  np.testing.assert_array_equal(m, masks.random_masks(k_mask, 8, masks.MaskConfig()))
-  assert step_lib.training_masks(_model(BASE_GIN)) is None
-  assert step_lib.training_masks(_model(BASE_GIN + INPAINT.format(cls="UNet"))) is not None
+  np.testing.assert_array_equal(m, jax.jit(lambda k: masks.random_masks(
+      k, 8, masks.MaskConfig()))(k_mask))
+  assert step_lib.training_masks(_model(BASE_GIN, abstract=True)) is None
+  assert step_lib.training_masks(_model(BASE_GIN + INPAINT.format(cls="UNet"),
+                                        abstract=True)) is not None
 
 
 # ----------------------------------------------------------------------- INIT_FROM
@@ -166,8 +178,9 @@ def test_init_from_zero_pads_the_input_conv_and_keeps_the_output(sources, kind):
                                 np.asarray(source.input_conv.kernel.value))
   args, kw = _inputs(model)
   inpaint = np.random.RandomState(5).standard_normal((2, *args["x"].shape[1:3], 4))
-  np.testing.assert_array_equal(model(*args.values(), inpaint=inpaint, **kw),
-                                source(*args.values(), **kw))
+  args = tuple(args.values())
+  np.testing.assert_array_equal(_call(model, args, dict(kw, inpaint=inpaint)),
+                                _call(source, args, kw))
   gin.clear_config()
 
 

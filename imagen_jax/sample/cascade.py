@@ -441,8 +441,9 @@ class StageSampler:
 
       def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None,
                    inpaint=None):
+        extra = {} if inpaint is None else {"inpaint": inpaint}
         return model(x, log_snr, text_emb, text_mask, lowres=lowres,
-                     lowres_log_snr=lowres_log_snr, inpaint=inpaint, train=False)
+                     lowres_log_snr=lowres_log_snr, train=False, **extra)
 
       x = stage_lib.sample_stage(model_fn, settings, info, seeds, stage_index,
                                  text_emb=text_emb, text_mask=text_mask, lowres=lowres,

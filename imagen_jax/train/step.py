@@ -131,9 +131,11 @@ def model_fn(model, train: bool, dropout_rng=None):
   """
   def fn(x_t, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None,
          inpaint=None):
+    # `inpaint` only for an inpainting model: other models need not take the keyword.
+    extra = {} if inpaint is None else {"inpaint": inpaint}
     return model(x_t, log_snr, text_emb, text_mask, lowres=lowres,
-                 lowres_log_snr=lowres_log_snr, inpaint=inpaint, train=train,
-                 dropout_rng=dropout_rng)
+                 lowres_log_snr=lowres_log_snr, train=train, dropout_rng=dropout_rng,
+                 **extra)
   return fn
 
 

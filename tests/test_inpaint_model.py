@@ -254,3 +254,32 @@ def test_inpainting_model_without_a_mask_is_refused(inpaint_cascade):
   cascade, prompts = inpaint_cascade
   with pytest.raises(UserError, match="inpainting model"):
     cascade(prompts[:1], seed=0)
+
+
+def test_trainer_preview_of_an_inpainting_model_is_an_all_white_mask(inpaint_cascade):
+  """train/loop.py previews an inpainting model as text-to-image: all-unknown masks, the
+  same images as the cascade inpainting with an all-white mask."""
+  from imagen_jax.train import loop
+  cascade, prompts = inpaint_cascade
+  stage = cascade.stages[0]
+  settings = stage.config.sampling
+  prompts = prompts[:4]
+  image = np.random.RandomState(1).randint(0, 256, (8, 8, 3)).astype(np.uint8)
+  one_stage = cascade_lib.Cascade([stage], cascade.text, mesh=cascade.mesh, batch_size=4)
+  expected = one_stage(prompts, seed=11, init_images=[image] * 4,
+                       masks=[np.full((8, 8), 255, np.uint8)] * 4)[0][:, 0]
+  graphdef, params, rest = nnx.split(stage.model, nnx.Param, ...)
+  gin.clear_config()
+  gin.parse_config(f"preview/SamplerSettings.thresholding = '{settings.thresholding}'")
+  preview = loop._make_sampler(graphdef, rest, stage.info, cascade.mesh, 4,
+                               settings.num_steps, settings.sampler, settings.guidance_scale,
+                               seed=11)
+  gin.clear_config()
+  emb, mask = cascade.text(prompts)
+  batch = {"text_emb": emb, "text_mask": mask, "image": np.zeros((4, 1), np.uint8)}
+  samples, _, _ = jax.device_get(preview(params, batch))
+  # The preview's zero image is a constant of its program, the cascade's image a zeroed
+  # input: differently fused float32, so a level of rounding apart at most.
+  diff = np.abs(samples.astype(int) - expected)
+  assert diff.max() <= 1 and np.mean(diff == 0) > 0.99, (diff.max(), np.mean(diff == 0))
+  assert len({a.tobytes() for a in samples}) == 4

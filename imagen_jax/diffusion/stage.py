@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import diffusion
-from imagen_jax.diffusion import conditioning
+from imagen_jax.diffusion import conditioning, masks
 from imagen_jax.errors import UserError
 
 SAMPLERS = diffusion.METHODS  # ("ddpm", "ddim", "dpmpp_2m")
@@ -219,7 +219,10 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
     negative_emb, negative_mask: per-example negative prompts for the unconditional half of
       classifier-free guidance (zeros and all-false = no negative prompt).
     image, mask: inpainting at this stage's size: image float [B, H, W, C] in [-1, 1] and
-      mask [B, H, W, 1], 1 where regenerated and 0 where `image` is kept (GLIDE).
+      mask [B, H, W, 1], 1 where regenerated and 0 where `image` is kept (GLIDE). The
+      known region is replaced at every step; an inpainting model (`info.inpaint_channels`
+      > 0, which needs them) also takes image * (1 - mask) and the mask as input, in both
+      halves of classifier-free guidance.
     strength: SDEdit, float [B] in (0, 1]: start from `image` noised to that time (1 =
       from pure noise, the plain sample).
     classifier: None or (log_prob_fn(x_t, log_snr) -> [B], scale): classifier guidance
@@ -240,6 +243,11 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
   grid = sampling_grid(info.schedule, settings.num_steps)
   cond = {"text_emb": text_emb, "text_mask": text_mask}
   start_image = image
+  if getattr(info, "inpaint_channels", 0):
+    if mask is None or image is None:
+      raise UserError("this stage's model is an inpainting model (inpaint_channels="
+                      f"{info.inpaint_channels}): give an image and a mask to inpaint")
+    cond["inpaint"] = masks.inpaint_input(image, mask)
   if negative_emb is not None:
     cond.update(negative_text_emb=negative_emb, negative_text_mask=negative_mask)
   if lowres is not None:

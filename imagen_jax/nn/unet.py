@@ -9,11 +9,17 @@
 Both are called as
 
     model(x_t, log_snr, text_emb, text_mask, *, lowres=None, lowres_log_snr=None,
-          train=False, dropout_rng=None) -> prediction [B, H, W, C], float32
+          inpaint=None, train=False, dropout_rng=None) -> prediction [B, H, W, C], float32
 
 with `x_t` [B,H,W,C], `log_snr` [B] (the noise level as a log signal-to-noise ratio,
 DESIGN.md §4), `text_emb` [B,L,text_dim] and `text_mask` [B,L] bool. A dropped caption is
 an all-zero embedding with an all-false mask. Padding positions never change the output.
+
+An inpainting model (GLIDE, Nichol et al. 2021, section 4) is built with
+`inpaint_channels` > 0 (4: the masked image and the mask) and called with `inpaint`
+[B, H, W, inpaint_channels], concatenated to x_t before the first convolution; the mask is 1
+where the image is regenerated, and the masked image is image * (1 - mask)
+(`diffusion.masks.inpaint_input`).
 
 Dropout (only with `train=True` and a `dropout` rate > 0) takes its randomness from the
 `dropout_rng` key: the models hold no RNG state, so a call is a pure function of
@@ -138,6 +144,20 @@ class _ConditionedUNet(nnx.Module):
       raise UserError(f"{name}: text_mask must have shape {text_emb.shape[:2]}, got "
                       f"{text_mask.shape}")
 
+  def _inpaint_input(self, x, inpaint):
+    """x with the inpainting channels concatenated (a model with inpaint_channels > 0)."""
+    name, n = type(self).__name__, self.inpaint_channels
+    if not n:
+      if inpaint is not None:
+        raise UserError(f"{name} was built without inpaint_channels and takes no inpaint "
+                        "input; build it with inpaint_channels=4 (an inpainting model)")
+      return x
+    if inpaint is None or inpaint.shape != (*x.shape[:3], n):
+      raise UserError(f"{name} is an inpainting model (inpaint_channels={n}): pass inpaint "
+                      f"[{', '.join(map(str, x.shape[:3]))}, {n}] (the masked image and the "
+                      f"mask), got {None if inpaint is None else inpaint.shape}")
+    return jnp.concatenate([x, inpaint.astype(x.dtype)], axis=-1)
+
   def _conditioning(self, log_snr, text_emb, text_mask, batch: int):
     """-> (time+text embedding [B, emb_dim], projected text [B,L,model_channels], mask)."""
     log_snr = jnp.broadcast_to(jnp.asarray(log_snr, jnp.float32), (batch,))
@@ -171,11 +191,12 @@ class UNet(_ConditionedUNet):
                num_res_blocks: int = 3, attention_resolutions: Sequence[int] = (32, 16, 8),
                head_dim: int = 64, dropout: float = 0.0, num_groups: int = 32,
                emb_mult: int = 4, text_positions: int = 0, text_layers: int = 0,
-               coord_channels: bool = False, dtype: Any = "float32", remat: bool = False,
-               rngs: nnx.Rngs):
+               coord_channels: bool = False, inpaint_channels: int = 0,
+               dtype: Any = "float32", remat: bool = False, rngs: nnx.Rngs):
     rngs = layers.local_rngs(rngs)
     self.image_size = image_size
     self.coord_channels = coord_channels
+    self.inpaint_channels = inpaint_channels
     self.lowres_size = None
     self.text_dim = text_dim
     self.channels = channels
@@ -205,7 +226,9 @@ class UNet(_ConditionedUNet):
                             num_groups=num_groups, dtype=dt, rngs=rngs)
 
     ch = model_channels
-    self.input_conv = layers.conv(channels + 2 * coord_channels, ch, 3, dtype=dt, rngs=rngs)
+    # x_t, the coordinates, then the inpainting channels (last: INIT_FROM zero-pads them).
+    self.input_conv = layers.conv(channels + 2 * coord_channels + inpaint_channels, ch, 3,
+                                  dtype=dt, rngs=rngs)
     skip_channels = [ch]
     down, resolution = [], image_size
     for level, mult in enumerate(channel_mult):
@@ -240,7 +263,7 @@ class UNet(_ConditionedUNet):
     self.out_conv = layers.conv(ch, channels, 3, dtype=dt, rngs=rngs, zero_init=True)
 
   def __call__(self, x_t, log_snr, text_emb, text_mask, *, lowres=None,
-               lowres_log_snr=None, train: bool = False,
+               lowres_log_snr=None, inpaint=None, train: bool = False,
                dropout_rng: jax.Array | None = None) -> jax.Array:
     if lowres is not None or lowres_log_snr is not None:
       raise UserError("UNet is a base (text-to-image) model and takes no lowres or "
@@ -252,7 +275,7 @@ class UNet(_ConditionedUNet):
     x = x_t.astype(self.dtype)
     if self.coord_channels:
       x = jnp.concatenate([x, layers.coordinates(x.shape[:3], self.dtype)], axis=-1)
-    h = constrain(self.input_conv(x), IMAGE_AXES)
+    h = constrain(self.input_conv(self._inpaint_input(x, inpaint)), IMAGE_AXES)
     skips = [h]
     for block in self.down:
       h = run_block(block, h, emb, text, mask, block_rng(), train=train,
@@ -318,14 +341,15 @@ class EfficientUNet(_ConditionedUNet):
                num_res_blocks: Sequence[int] = (2, 4, 8, 8), self_attention: bool = True,
                cross_attention: bool = True, head_dim: int = 64, dropout: float = 0.0,
                num_groups: int = 32, emb_mult: int = 4, skip_scale: float = 2 ** -0.5,
-               text_positions: int = 0, text_layers: int = 0, dtype: Any = "float32",
-               remat: bool = False, rngs: nnx.Rngs):
+               text_positions: int = 0, text_layers: int = 0, inpaint_channels: int = 0,
+               dtype: Any = "float32", remat: bool = False, rngs: nnx.Rngs):
     if len(num_res_blocks) != len(channel_mult):
       raise UserError(f"EfficientUNet num_res_blocks {tuple(num_res_blocks)} needs one "
                       f"count per level of channel_mult {tuple(channel_mult)}")
     rngs = layers.local_rngs(rngs)
     self.image_size = image_size
     self.lowres_size = lowres_size
+    self.inpaint_channels = inpaint_channels
     self.text_dim = text_dim
     self.channels = channels
     self.dtype = as_dtype(dtype)
@@ -359,8 +383,9 @@ class EfficientUNet(_ConditionedUNet):
 
     widths = [m * model_channels for m in channel_mult]
     last = len(widths) - 1
-    # x_t and the resized low-resolution image, concatenated.
-    self.input_conv = layers.conv(2 * channels, model_channels, 3, dtype=dt, rngs=rngs)
+    # x_t, the resized low-resolution image and the inpainting channels, concatenated.
+    self.input_conv = layers.conv(2 * channels + inpaint_channels, model_channels, 3,
+                                  dtype=dt, rngs=rngs)
     dblocks, ch = [], model_channels
     for level, (width, n) in enumerate(zip(widths, num_res_blocks)):
       if level:
@@ -388,7 +413,7 @@ class EfficientUNet(_ConditionedUNet):
     self.out_conv = layers.conv(ch, channels, 3, dtype=dt, rngs=rngs, zero_init=True)
 
   def __call__(self, x_t, log_snr, text_emb, text_mask, *, lowres=None,
-               lowres_log_snr=None, train: bool = False,
+               lowres_log_snr=None, inpaint=None, train: bool = False,
                dropout_rng: jax.Array | None = None) -> jax.Array:
     if lowres is None or lowres_log_snr is None:
       raise UserError("EfficientUNet is a super-resolution model: pass lowres (the "
@@ -411,7 +436,7 @@ class EfficientUNet(_ConditionedUNet):
     emb = emb + self.lowres_embed(aug)
 
     h = jnp.concatenate([x_t.astype(jnp.float32), lowres], axis=-1).astype(self.dtype)
-    h = constrain(self.input_conv(h), IMAGE_AXES)
+    h = constrain(self.input_conv(self._inpaint_input(h, inpaint)), IMAGE_AXES)
     skips = []
     for dblock in self.dblocks:
       if dblock.down is not None:

@@ -439,9 +439,11 @@ class StageSampler:
     def sample(state, seeds, text_emb, text_mask, lowres, aug_level, edit):
       model = nnx.merge(graphdef, state)
 
-      def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None):
+      def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None,
+                   inpaint=None):
+        extra = {} if inpaint is None else {"inpaint": inpaint}
         return model(x, log_snr, text_emb, text_mask, lowres=lowres,
-                     lowres_log_snr=lowres_log_snr, train=False)
+                     lowres_log_snr=lowres_log_snr, train=False, **extra)
 
       x = stage_lib.sample_stage(model_fn, settings, info, seeds, stage_index,
                                  text_emb=text_emb, text_mask=text_mask, lowres=lowres,
@@ -745,6 +747,17 @@ class Cascade:
                                  np.float32)
     return out or None
 
+  def _check_inpainting_models(self, first: int, last: int, edits) -> None:
+    """An inpainting model (inpaint_channels > 0) takes the edit's image and mask: refuse
+    to run one without masks (an edit without a mask regenerates its whole image)."""
+    has_masks = bool(edits) and any(e.mask is not None for e in edits)
+    for k in range(first, last):
+      channels = self.stages[k].info.inpaint_channels
+      if channels and not has_masks:
+        raise UserError(f"stage {k} ({self.stages[k].name}) is an inpainting model "
+                        f"(inpaint_channels={channels}): give an image and a mask to inpaint "
+                        "(--init_image and --mask, or --edits), or use a text-to-image model")
+
   def run(self, prompts: Sequence[str], items: Sequence[WorkItem], sink: Sink, *,
           stop_at_stage: int | None = None, start_images=None, edits=None,
           progress: bool = True, row_extra: dict | None = None,
@@ -775,6 +788,7 @@ class Cascade:
       raise UserError("strength (image-to-image) starts the base stage; it cannot be used "
                       "with start images, which the SR stages take instead")
     negatives = self._negatives(edits, pending)
+    self._check_inpainting_models(first, last, edits)
     stats = []
     for k in range(first, last):
       stage = self.stages[k]

@@ -66,6 +66,7 @@ class ModelInfo:
   aug_schedule: str = "cosine"
   lowres_resize: str = "none"
   max_time: float = 1.0  # LossConfig.max_time: the noise levels trained are t <= max_time
+  inpaint_channels: int = 0
   encoder: dict | None = None
   num_params: int | None = None
   param_shapes_sha256: str | None = None
@@ -109,7 +110,9 @@ def model_info(model: nnx.Module, params, *, loss_cfg, encoder: dict | None) -> 
       text_dim=int(model.text_dim), channels=int(getattr(model, "channels", 3)),
       objective=loss_cfg.objective, schedule=loss_cfg.schedule,
       aug_schedule=loss_cfg.aug_schedule, lowres_resize=loss_cfg.lowres_resize,
-      max_time=float(loss_cfg.max_time), encoder=encoder, num_params=nn.param_count(params),
+      max_time=float(loss_cfg.max_time),
+      inpaint_channels=int(getattr(model, "inpaint_channels", 0)), encoder=encoder,
+      num_params=nn.param_count(params),
       param_shapes_sha256=param_shapes_digest(params))
 
 

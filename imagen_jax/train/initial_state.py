@@ -15,6 +15,7 @@ import logging
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from imagen_jax import nn
@@ -115,24 +116,57 @@ def _target(layout: InitialState):
 
 
 def _init_from_params(layout: InitialState, init_from, init_from_ema: bool):
-  """INIT_FROM's parameters (and EMA) onto this model's layout; UserError if another model."""
+  """INIT_FROM's parameters (and EMA) onto this model's layout; UserError if another model.
+
+  The one shape change allowed: this model is an inpainting model with more
+  `inpaint_channels` than the source (a text-to-image model has 0). The source's input
+  convolution is then zero-padded along its input-channel axis (`pad_input_conv`), so at step
+  0 the model's output equals the source's, whatever the inpainting input (GLIDE section 4).
+  """
   source = ckpt_lib.read_model_json(init_from)
   if source is None:
     raise UserError(f"INIT_FROM={init_from!r} has no model.json; point it at a MODEL_DIR "
                     "written by imagen-train")
-  digest = ckpt_lib.param_shapes_digest(layout.params_shapes)
-  if source.param_shapes_sha256 != digest:
+  extra = int(getattr(layout.model, "inpaint_channels", 0)) - int(source.inpaint_channels)
+  source_shapes = (input_conv_without(layout.params_shapes, extra) if extra > 0
+                   else layout.params_shapes)
+  if source.param_shapes_sha256 != ckpt_lib.param_shapes_digest(source_shapes):
     count = nn.param_count(layout.params_shapes)
     raise UserError(f"INIT_FROM={init_from!r} holds a {source.model_class} with "
                     f"{source.num_params} parameters of other shapes than this "
                     f"{type(layout.model).__name__} ({count}); use the same model config as "
-                    "that run")
-  params, step = ckpt_lib.restore_params(init_from, _target(layout), use_ema=False)
+                    "that run (only inpaint_channels may grow, from a text-to-image model)")
+  target = state_lib.abstract_like(source_shapes, layout.param_shardings)
+  params, step = ckpt_lib.restore_params(init_from, target, use_ema=False)
   ema = None
   if init_from_ema:
-    ema, _ = ckpt_lib.restore_params(init_from, _target(layout), step=step, use_ema=True)
+    ema, _ = ckpt_lib.restore_params(init_from, target, step=step, use_ema=True)
+  if extra > 0:
+    pad = jax.jit(lambda p: pad_input_conv(p, extra), out_shardings=layout.param_shardings)
+    params = pad(params)
+    ema = None if ema is None else pad(ema)
+    log.info("INIT_FROM: input_conv zero-padded with %d inpainting input channels", extra)
   log.info("initialised from %s step %d", init_from, step)
   return params, ema, step
+
+
+def input_conv_without(params_shapes: dict, extra: int) -> dict:
+  """The parameter shapes with `extra` fewer input channels in input_conv's kernel (the
+  layout of the model without those inpainting channels)."""
+  kernel = params_shapes["input_conv"]["kernel"]
+  shape = (*kernel.shape[:-2], kernel.shape[-2] - extra, kernel.shape[-1])
+  return {**params_shapes, "input_conv": {
+      **params_shapes["input_conv"], "kernel": jax.ShapeDtypeStruct(shape, kernel.dtype)}}
+
+
+def pad_input_conv(params: dict, extra: int) -> dict:
+  """`extra` zero input channels appended to input_conv's kernel [kh, kw, in, out] (the
+  inpainting channels come last in the model's input)."""
+  kernel = params["input_conv"]["kernel"]
+  widths = [(0, 0)] * kernel.ndim
+  widths[-2] = (0, extra)
+  return {**params, "input_conv": {**params["input_conv"],
+                                   "kernel": jnp.pad(kernel, widths)}}
 
 
 def _inference_params(layout: InitialState, create_fn, model_dir, use_ema: bool,

@@ -645,9 +645,14 @@ def _make_sampler(graphdef, rest, info, mesh, num_samples, num_steps, method,
   def run(params, batch, row_seeds=seeds):
     batch = {k: v[:num_samples] for k, v in batch.items()}
     fn = step_lib.model_fn(state_lib.merge_model(graphdef, params, rest), train=False)
+    # An inpainting model previews text-to-image: all-unknown masks.
+    shape = (num_samples, info.image_size, info.image_size)
+    edit = ({"image": jnp.zeros((*shape, info.channels)), "mask": jnp.ones((*shape, 1))}
+            if info.inpaint_channels else {})
     samples = stage_lib.sample_stage(fn, settings, info, row_seeds, 0,
                                      text_emb=jnp.asarray(batch["text_emb"], jnp.float32),
-                                     text_mask=batch["text_mask"], lowres=batch.get("lowres"))
+                                     text_mask=batch["text_mask"], lowres=batch.get("lowres"),
+                                     **edit)
     return conditioning.to_uint8_image(samples), batch["image"], batch.get("lowres")
 
   return jax.jit(run, out_shardings=NamedSharding(mesh, P()))

@@ -10,7 +10,10 @@ The loss follows Imagen (Saharia et al. 2022, section 2 and appendix):
 - super-resolution stages: noise conditioning augmentation (Imagen section 2.5, Ho et al.
   2021 "Cascaded Diffusion Models" section 4.1): a random level t_aug ~ U[0, aug_max] per
   example, the low-resolution image noised by the forward process at log-SNR
-  schedule(t_aug), and that log-SNR given to the model as `lowres_log_snr`.
+  schedule(t_aug), and that log-SNR given to the model as `lowres_log_snr`;
+- inpainting models (`inpaint_channels` > 0; GLIDE, Nichol et al. 2021, section 4): a random
+  mask per example (`diffusion.masks`, gin `MaskConfig`) and the model input `inpaint`, the
+  masked image and the mask; the loss is the same, over the whole image.
 
 Randomness: the step key is fold_in(root, step) (passed in as `rng`); every per-example draw
 uses fold_in(step key, the example's index in the GLOBAL batch), so the result does not
@@ -29,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from imagen_jax.diffusion import conditioning, losses, process, schedules
+from imagen_jax.diffusion import conditioning, losses, masks, process, schedules
 from imagen_jax.errors import UserError
 from imagen_jax.train import optim
 from imagen_jax.train.state import TrainState, merge_model
@@ -77,12 +80,14 @@ def example_keys(rng, global_index):
 
 
 def noise_and_conditioning(batch: dict, keys, cfg: LossConfig, *, train: bool = True,
-                           fixed_log_snr=None):
+                           fixed_log_snr=None, mask_cfg: masks.MaskConfig | None = None):
   """Per-example draws and model conditioning for a (micro-)batch.
 
   Returns (x0, log_snr [B], noise, cond) where cond holds text_emb, text_mask and, for SR
   stages, lowres / lowres_log_snr. With `fixed_log_snr` (validation) the noise level is
-  given, no caption is dropped and the augmentation level is cfg.val_aug_t.
+  given, no caption is dropped and the augmentation level is cfg.val_aug_t. With
+  `mask_cfg` (an inpainting model) cond also holds `inpaint`: the image masked by a random
+  mask drawn from fold_in(example key, 5), and the mask.
   """
   x0 = conditioning.to_float_image(batch["image"])
   b = x0.shape[0]
@@ -112,7 +117,16 @@ def noise_and_conditioning(batch: dict, keys, cfg: LossConfig, *, train: bool = 
     aug_log_snr = schedules.get_schedule(cfg.aug_schedule)(t_aug)
     cond.update(conditioning.augment_lowres(lowres, x0.shape[1], cfg.lowres_resize,
                                             aug_log_snr, k_aug_noise))
+  if mask_cfg is not None:
+    k_mask = jax.vmap(lambda k: jax.random.fold_in(k, 5))(keys)
+    cond["inpaint"] = masks.inpaint_input(x0, masks.random_masks(k_mask, x0.shape[1],
+                                                                 mask_cfg))
   return x0, log_snr, noise, cond
+
+
+def training_masks(model) -> masks.MaskConfig | None:
+  """The random-mask settings (gin `MaskConfig`) for an inpainting model, else None."""
+  return masks.MaskConfig() if getattr(model, "inpaint_channels", 0) else None
 
 
 def model_fn(model, train: bool, dropout_rng=None):
@@ -121,9 +135,13 @@ def model_fn(model, train: bool, dropout_rng=None):
   The U-Nets hold no RNG state: dropout masks come from `dropout_rng` (a function of the
   step key), so a step is a pure function of (state, batch, rng).
   """
-  def fn(x_t, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None):
+  def fn(x_t, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None,
+         inpaint=None):
+    # `inpaint` only for an inpainting model: other models need not take the keyword.
+    extra = {} if inpaint is None else {"inpaint": inpaint}
     return model(x_t, log_snr, text_emb, text_mask, lowres=lowres,
-                 lowres_log_snr=lowres_log_snr, train=train, dropout_rng=dropout_rng)
+                 lowres_log_snr=lowres_log_snr, train=train, dropout_rng=dropout_rng,
+                 **extra)
   return fn
 
 
@@ -140,7 +158,8 @@ def per_example_loss(graphdef, rest, params, batch, keys, dropout_key, cfg: Loss
   model = merge_model(graphdef, params, rest)
   if no_remat:
     disable_remat(model)
-  x0, log_snr, noise, cond = noise_and_conditioning(batch, keys, cfg)
+  x0, log_snr, noise, cond = noise_and_conditioning(batch, keys, cfg,
+                                                    mask_cfg=training_masks(model))
   fn = model_fn(model, train=True, dropout_rng=dropout_key)
   return losses.loss_at(fn, x0, log_snr, noise,
                         objective=cfg.objective, weighting=cfg.weighting,
@@ -260,7 +279,8 @@ def make_eval_step(graphdef, rest, loss_cfg: LossConfig):
     def at_level(k):
       keys = example_keys(jax.random.fold_in(base, k), index)
       x0, log_snr, noise, cond = noise_and_conditioning(batch, keys, loss_cfg, train=False,
-                                                        fixed_log_snr=levels[k])
+                                                        fixed_log_snr=levels[k],
+                                                        mask_cfg=training_masks(model))
       per_ex = losses.loss_at(fn, x0, log_snr, noise, objective=loss_cfg.objective,
                               weighting=loss_cfg.weighting,
                               min_snr_gamma=loss_cfg.min_snr_gamma, **cond)

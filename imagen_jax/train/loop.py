@@ -115,6 +115,11 @@ def _open_data(model, *, dataset, val_dataset, embedding_cache, batch_size, seed
     cache = open_cache(embedding_cache, int(model.text_dim))
   labels = getattr(model, "labels", None)
   label_fn = labels_lib.get_label_set(labels).data_label if labels else None
+  if labels and need_val:
+    raise UserError("a classifier run (LossConfig.task='classifier') has no validation "
+                    "loss, sample previews or sample evaluations: set train.val_every, "
+                    "train.sample_every and train.eval_every to 0 (its training accuracy "
+                    "is logged)")
   max_length = max_length or (int(cache.manifest["max_length"]) if cache else None)
 
   def make(spec):
@@ -146,13 +151,7 @@ def _batches(pipeline, start: int):
 
 # ----------------------------------------------------------------------------- set-up
 
-def _check_settings(*, batch_size, micro_batches, mesh, max_minutes, max_nonfinite_steps,
-                    loss_cfg=None, periodic=()):
-  if loss_cfg is not None and loss_cfg.task == "classifier" and any(periodic):
-    raise UserError("a classifier run (LossConfig.task='classifier') has no validation "
-                    "loss, sample previews or sample evaluations: set train.val_every, "
-                    "train.sample_every and train.eval_every to 0 (its training accuracy "
-                    "is logged)")
+def _check_settings(*, batch_size, micro_batches, mesh, max_minutes, max_nonfinite_steps):
   if max_minutes is not None and max_minutes <= 0:
     raise UserError(f"train.max_minutes must be > 0 (or None for no time limit), got "
                     f"{max_minutes}")
@@ -353,8 +352,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   model_dir = epath.Path(model_dir)
   mesh = _make_mesh(mesh_shape, num_devices)
   _check_settings(batch_size=batch_size, micro_batches=micro_batches, mesh=mesh,
-                  max_minutes=max_minutes, max_nonfinite_steps=max_nonfinite_steps,
-                  loss_cfg=loss_cfg, periodic=(val_every, sample_every, eval_every))
+                  max_minutes=max_minutes, max_nonfinite_steps=max_nonfinite_steps)
 
   # The model, abstract first: nothing allocated before the shardings are known.
   if create_model_fn is None:

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"args": vars(args), "base_step": base.info.step,
-                 "classifier_step": guide.info.step, "rows": rows}, f, indent=1)
+                 "guide_step": getattr(guide.info, "step", None), "rows": rows}, f, indent=1)
   return 0
 
 

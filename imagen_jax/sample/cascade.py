@@ -47,6 +47,7 @@ from flax import nnx
 from imagen_jax.data import labels as labels_lib
 from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
+from imagen_jax.nn import clip as clip_lib
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample import output
 from imagen_jax.diffusion import stage as stage_lib
@@ -54,6 +55,8 @@ from imagen_jax.diffusion.stage import SAMPLERS, THRESHOLDINGS, image_seeds  # n
 # Imported here, not lazily: it registers gin configurables, which gin refuses once a
 # CLI has parsed (and locked) its config.
 from imagen_jax.train import checkpoint
+from imagen_jax.train import noised_clip
+from imagen_jax.text import vocab as vocab_lib
 
 
 # ---------------------------------------------------------------------------------------
@@ -123,11 +126,53 @@ class LoadedGuide:
     """int32 [len(prompts)]; UserError naming the first prompt without a label."""
     return np.array([self.label_set.prompt_label(p) for p in prompts], np.int32)
 
+  @staticmethod
+  def log_prob_fn(model, labels):
+    """log p(y | x_t) = log_softmax(model(x_t, log_snr))[y] (`model`: the merged
+    classifier inside the sampling program)."""
+    return stage_lib.classifier_log_prob(lambda x, log_snr: model(x, log_snr), labels)
 
-def load_guide(config: Stage, image_size: int, *, mesh=None) -> LoadedGuide:
-  """The classifier of `config.classifier_dir` (EMA parameters), checked to be a
-  classifier of this stage's images."""
+
+@dataclasses.dataclass
+class ClipGuide:
+  """A noised CLIP as a stage's guide (GLIDE, Nichol et al. 2021, section 2.4), written by
+  `python -m imagen_jax.train.noised_clip`: log p = exp(logit_scale) * cos(f(x_t),
+  g(prompt)), f the image tower trained on noised images, g the frozen text tower. Its
+  gradient goes through the same `classifier_guidance` hook as a classifier's."""
+  model: nnx.Module
+  info: dict
+  vocab: Any
+
+  def prompt_labels(self, prompts: Sequence[str]) -> np.ndarray:
+    """float32 [len(prompts), P]: each prompt's normalised text embedding."""
+    tokens = vocab_lib.tokenize(self.vocab, list(prompts), int(self.info["max_length"]))
+    if tokens.truncated:
+      raise UserError(f"prompt {prompts[tokens.truncated[0]]!r} is longer than the CLIP "
+                      f"guide's {self.info['max_length']} tokens; shorten it")
+    emb = self.model.encode_text(jnp.asarray(tokens.ids, jnp.int32))
+    return np.asarray(clip_lib.normalize(emb), np.float32)
+
+  @staticmethod
+  def log_prob_fn(model, text):
+    def log_prob(x, log_snr):
+      del log_snr  # the image tower reads the noise level from x_t (not time-conditioned)
+      image = clip_lib.normalize(model.encode_image(x.astype(jnp.float32)))
+      return jnp.exp(model.logit_scale[...]) * jnp.sum(image * text, axis=-1)
+    return log_prob
+
+
+def load_guide(config: Stage, image_size: int, *, mesh=None) -> LoadedGuide | ClipGuide:
+  """The guide of `config.classifier_dir`: a noise-aware classifier (EMA parameters) or a
+  noised CLIP (`train/noised_clip.py`), checked to take this stage's images."""
   path = epath.Path(config.classifier_dir)
+  if (path / noised_clip.INFO_FILE).exists():
+    info = json.loads((path / noised_clip.INFO_FILE).read_text())
+    model = clip_lib.load_clip(path / "noised")
+    if model.config.vision.image_size != image_size:
+      raise UserError(f"the CLIP guide in {os.fspath(path)!r} takes "
+                      f"{model.config.vision.image_size}px images but the stage samples "
+                      f"{image_size}px")
+    return ClipGuide(model, info, vocab_lib.load_vocabulary(path / "spiece.model"))
   if not (path / "model.json").exists():
     raise UserError(f"Stage.classifier_dir={os.fspath(path)!r} is not a MODEL_DIR written "
                     "by imagen-train (no model.json); train one with "
@@ -150,7 +195,7 @@ class LoadedStage:
   config: Stage
   model: nnx.Module
   info: checkpoint.ModelInfo
-  guide: LoadedGuide | None = None
+  guide: LoadedGuide | ClipGuide | None = None
 
   @property
   def image_size(self) -> int:
@@ -482,8 +527,7 @@ class StageSampler:
       classifier = None
       if guide_state is not None:
         guide = nnx.merge(guide_graphdef, guide_state)
-        classifier = (stage_lib.classifier_log_prob(lambda x, l: guide(x, l), labels),
-                      settings.classifier_scale)
+        classifier = (stage.guide.log_prob_fn(guide, labels), settings.classifier_scale)
 
       def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None):
         return model(x, log_snr, text_emb, text_mask, lowres=lowres,
@@ -513,7 +557,7 @@ class StageSampler:
     # An argument, not a constant: stages that differ only in aug_level share one program.
     args.append(np.float32(self.stage.config.aug_level))
     args.append(None if edit is None else {k: put(np.asarray(v)) for k, v in edit.items()})
-    args += [self.guide_state, None if labels is None else put(np.asarray(labels, np.int32))]
+    args += [self.guide_state, None if labels is None else put(np.asarray(labels))]
     with jax.set_mesh(self.mesh):
       return self.jitted(self.state, *args)
 

@@ -161,3 +161,59 @@ def test_classifier_settings_are_checked():
   settings = stage_lib.SamplerSettings(classifier_scale=2.0, classifier_dir="runs/cls")
   assert settings.record(False)["classifier_scale"] == 2.0
   assert "classifier_scale" not in stage_lib.SamplerSettings().record(False)
+
+
+# ----------------------------------------------------------------------- noised CLIP
+
+
+def test_soft_contrastive_loss_matches_its_definition():
+  from imagen_jax.train import noised_clip
+  rng = np.random.default_rng(0)
+  image, text = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+  caps = np.array([0, 1, 0, 2, 1])
+  loss, acc = noised_clip.soft_contrastive_loss(jnp.asarray(image), jnp.asarray(text),
+                                                jnp.log(10.0), jnp.asarray(caps))
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  logits = 10.0 * unit(image) @ unit(text).T
+  same = (caps[:, None] == caps[None, :]).astype(float)
+  logsm = lambda z, axis: z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+  expected = (-np.mean(np.sum(same / same.sum(1, keepdims=True) * logsm(logits, 1), 1))
+              - np.mean(np.sum(same / same.sum(0, keepdims=True) * logsm(logits, 0), 0))) / 2
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
+  assert float(acc) == pytest.approx(np.mean(same[np.arange(5), logits.argmax(1)]))
+
+
+def test_noised_clip_phases_freeze_the_text_tower_and_guide(tmp_path):
+  from imagen_jax.nn import clip as clip_lib
+  from imagen_jax.sample import cascade as cascade_lib
+  from imagen_jax.text import vocab as vocab_lib
+  from imagen_jax.train import noised_clip
+  spiece = vocab_lib.train_sentencepiece(shapes.all_captions("train"), tmp_path / "sp.model",
+                                         vocab_size=48)
+  info = noised_clip.train_noised_clip(tmp_path / "clip", spiece, clean_steps=3,
+                                       noised_steps=3, batch=8, image_size=8,
+                                       log=lambda *a: None)
+  assert info["kind"] == "noised_clip" and info["noised"]["steps"] == 3
+  clean, noised = (clip_lib.load_clip(tmp_path / "clip" / d) for d in ("clean", "noised"))
+  flat = lambda m, tower: {p: np.asarray(v.get_value()) for p, v in
+                           nnx.to_flat_state(nnx.state(getattr(m, tower)))}
+  for path, value in flat(clean, "text_model").items():   # frozen in phase 2
+    np.testing.assert_array_equal(value, flat(noised, "text_model")[path])
+  np.testing.assert_array_equal(np.asarray(clean.text_projection.get_value()),
+                                np.asarray(noised.text_projection.get_value()))
+  assert any(not np.array_equal(v, flat(noised, "vision_model")[p])
+             for p, v in flat(clean, "vision_model").items())
+  # As a guide: prompts -> unit text embeddings; log p is the CLIP logit of x_t.
+  config = stage_lib.SamplerSettings(classifier_scale=1.0,
+                                     classifier_dir=str(tmp_path / "clip"))
+  guide = cascade_lib.load_guide(config, 8)
+  text = guide.prompt_labels(["a red circle", "a blue square above a red circle"])
+  np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-5)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  log_p = guide.log_prob_fn(guide.model, jnp.asarray(text))(x, jnp.zeros(2))
+  image = clip_lib.normalize(guide.model.encode_image(x))
+  np.testing.assert_allclose(
+      log_p, np.exp(float(guide.model.logit_scale.get_value())) * np.sum(image * text, 1),
+      rtol=1e-5)
+  with pytest.raises(UserError, match="takes 8px images"):
+    cascade_lib.load_guide(config, 16)

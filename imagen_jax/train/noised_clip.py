@@ -153,14 +153,16 @@ def _train_phase(model, text: ShapesText, *, steps: int, batch: int, lr: float, 
 
 def train_noised_clip(out_dir, spiece, *, clean_steps: int = 400, noised_steps: int = 400,
                       batch: int = 64, lr: float = 1e-3, seed: int = 0,
-                      schedule: str = "cosine", max_length: int = 16, log=print) -> dict:
+                      schedule: str = "cosine", max_length: int = 16, image_size: int = 16,
+                      log=print) -> dict:
   """Both phases; writes OUT/clean, OUT/noised, OUT/spiece.model, OUT/noised_clip.json."""
   out = epath.Path(out_dir)
   if not epath.Path(spiece).exists():
     raise UserError(f"--spiece={os.fspath(spiece)!r} does not exist; give the quickstart's "
                     "sentencepiece model, e.g. runs/quickstart/t5/spiece.model")
   text = ShapesText(spiece, max_length)
-  config = small_config(int(text.vocab.vocab_size), max_length=max_length)
+  config = small_config(int(text.vocab.vocab_size), max_length=max_length,
+                        image_size=image_size, patch_size=4 if image_size >= 16 else 2)
   model = clip_lib.random_clip(config, seed)
   kw = dict(batch=batch, lr=lr, seed=seed, schedule=schedule, log=log)
   clean = _train_phase(model, text, steps=clean_steps, noised=False, **kw)

@@ -189,7 +189,7 @@ def test_noised_clip_phases_freeze_the_text_tower_and_guide(tmp_path):
   from imagen_jax.text import vocab as vocab_lib
   from imagen_jax.train import noised_clip
   spiece = vocab_lib.train_sentencepiece(shapes.all_captions("train"), tmp_path / "sp.model",
-                                         vocab_size=48)
+                                         vocab_size=96, model_type="bpe")  # the quickstart's
   info = noised_clip.train_noised_clip(tmp_path / "clip", spiece, clean_steps=3,
                                        noised_steps=3, batch=8, image_size=8,
                                        log=lambda *a: None)

@@ -650,6 +650,10 @@ def _make_sampler(graphdef, rest, info, mesh, num_samples, num_steps, method,
   with gin.config_scope("preview"):
     settings = stage_lib.SamplerSettings(sampler=method, num_steps=num_steps,
                                          guidance_scale=guidance_scale)
+  if settings.classifier_scale:
+    raise UserError("training previews do not load a classifier: drop "
+                    "preview/SamplerSettings.classifier_scale (imagen-sample applies it, "
+                    "docs/sample.md)")
   seeds = np.asarray(stage_lib.image_seeds(seed, range(num_samples), [0] * num_samples),
                      np.uint32)
 

@@ -71,7 +71,8 @@ def _random_params(abstract_params: dict, seed: int) -> dict:
   return jax.tree_util.tree_map_with_path(draw, abstract_params)
 
 
-def _write_stage(model_dir, model_gin: str, identity: dict, seed: int) -> str:
+def _write_stage(model_dir, model_gin: str, identity: dict, seed: int,
+                 task: str = "diffusion") -> str:
   """A checkpoint as imagen-train writes it (train/checkpoint.py), random parameters."""
   from imagen_jax import nn
   from imagen_jax.train import checkpoint, state as state_lib, step as step_lib
@@ -88,7 +89,7 @@ def _write_stage(model_dir, model_gin: str, identity: dict, seed: int) -> str:
   ckpt = checkpoint.Checkpointer(model_dir, async_save=False)
   ckpt.save(state, force=True)
   ckpt.close()
-  info = checkpoint.model_info(abstract, params, loss_cfg=step_lib.LossConfig(),
+  info = checkpoint.model_info(abstract, params, loss_cfg=step_lib.LossConfig(task=task),
                                encoder=identity)
   checkpoint.check_or_write_model_json(model_dir, info)
   (model_dir / "model.gin").write_text(config.model_gin_str())
@@ -552,3 +553,48 @@ def test_strength_with_start_images_is_refused(cascade):
   image = _edit_image(8)
   with pytest.raises(UserError, match="strength"):
     cascade(PROMPTS[:1], start_images=[image], init_images=[image], strength=0.5)
+
+
+CLASSIFIER_GIN = """
+create_model.model_cls = @NoisyClassifier
+NoisyClassifier.image_size = 8
+NoisyClassifier.num_classes = 18
+NoisyClassifier.labels = 'shapes_object'
+NoisyClassifier.model_channels = 8
+NoisyClassifier.channel_mult = (1, 2)
+NoisyClassifier.num_res_blocks = 1
+NoisyClassifier.attention_resolutions = (4,)
+NoisyClassifier.head_dim = 8
+NoisyClassifier.num_groups = 4
+"""
+
+
+def test_classifier_guidance_in_the_cascade_and_cli(env, cascade, tmp_path, capsys):
+  """Stage.classifier_scale / classifier_dir (issue 16): the base stage is steered by a
+  classifier (random weights), batched on 8 devices or 1 with the same bytes; a prompt
+  without a label is one line and exit 2."""
+  cls_dir = _write_stage(env["root"] / "classifier", CLASSIFIER_GIN, None, seed=4,
+                         task="classifier")
+  base = cascade.stages[0]
+  prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]   # one-object prompts
+  config = dataclasses.replace(base.config, classifier_scale=30.0, classifier_dir=cls_dir)
+  guided = cascade_lib.load_stage(config)
+  assert guided.guide is not None and guided.settings()["classifier_scale"] == 30.0
+  outs = {}
+  for b, devices in ((8, None), (3, jax.devices()[:1])):
+    c = cascade_lib.Cascade([guided], cascade.text, batch_size=b, devices=devices)
+    outs[b] = c(prompts, num_samples=2, seed=3)[0]
+  np.testing.assert_array_equal(outs[8], outs[3])
+  plain = cascade(prompts, num_samples=2, seed=3, stop_at_stage=1)[0]
+  assert not np.array_equal(plain, outs[8])
+  with pytest.raises(UserError, match="labels that the prompt does not have"):
+    c(PROMPTS, seed=3)
+  with pytest.raises(UserError, match="not a classifier"):
+    cascade_lib.load_stage(dataclasses.replace(config, classifier_dir=env["base"]))
+  # The CLI, through gin: the prompts file has two-object prompts -> exit 2, one line.
+  args = [f"--gin_file={env['gin_file']}", f"--prompts={env['prompts_file']}",
+          f"--out_dir={tmp_path / 'o'}", "--no_progress", "--gin.base/Stage.classifier_scale=3.0",
+          f"--gin.base/Stage.classifier_dir='{cls_dir}'"]
+  assert sample_cli.main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "labels that the prompt does not have" in err[0], err

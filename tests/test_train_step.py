@@ -163,7 +163,7 @@ def test_dropout_masks_come_from_the_step_key():
   keys = step_lib.example_keys(jax.random.PRNGKey(0), jnp.arange(BATCH))
   cfg = step_lib.LossConfig(cond_drop_prob=0.0)
   loss = jax.jit(lambda p, k: step_lib.per_example_loss(graphdef, rest, p, batch, keys, k,
-                                                        cfg).mean())
+                                                        cfg)[0].mean())
   a = loss(params, jax.random.PRNGKey(1))
   assert float(a) == float(loss(params, jax.random.PRNGKey(1)))
   assert float(a) != float(loss(params, jax.random.PRNGKey(2)))

@@ -121,12 +121,16 @@ class Pipeline:
     random_flip: mirror half of the images and swap "left"/"right" in their captions (the
       cache must then hold the swapped captions too). Off by default.
     num_workers: threads that decode/render/resize a batch (ordered map: deterministic).
+    label_fn: None, or caption -> int class label (-1: none), added to each batch as
+      `label` int32 [B] (a noise-aware classifier's training data, e.g.
+      `shapes.object_label`).
   """
 
   def __init__(self, source, cache, *, image_size: int, lowres_size: int | None = None,
                crop_size: int | None = None, global_batch_size: int, seed: int,
                max_length: int | None, process_index: int = 0, process_count: int = 1,
-               random_flip: bool = False, num_workers: int | None = None):
+               random_flip: bool = False, num_workers: int | None = None,
+               label_fn=None):
     preprocess.check_sr_sizes(image_size, lowres_size, crop_size)
     if global_batch_size <= 0:
       raise UserError(f"global_batch_size={global_batch_size} must be positive")
@@ -155,6 +159,7 @@ class Pipeline:
     self.process_index, self.process_count = process_index, process_count
     self.local_batch_size = global_batch_size // process_count
     self.random_flip = random_flip
+    self.label_fn = label_fn
     self.num_workers = num_workers or min(8, os.cpu_count() or 1)
     self.permutation = FeistelPermutation(len(source), self.seed)
     self._executor = None
@@ -249,6 +254,8 @@ class Pipeline:
     if self.cache is not None:
       emb, mask = self.cache.get_batch([e["caption"] for e in examples], self.max_length)
       batch["text_emb"], batch["text_mask"] = emb, np.asarray(mask, dtype=bool)
+    if self.label_fn is not None:
+      batch["label"] = np.array([self.label_fn(e["caption"]) for e in examples], np.int32)
     return batch
 
   def iter_batches(self, start_step: int = 0, prefetch: int = 2

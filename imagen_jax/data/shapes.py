@@ -315,3 +315,42 @@ def render_caption(caption: str, resolution: int, seed: int = 0, index: int = 0)
   _check_seed_index(seed, index)
   return render(make_scene(caption, np.random.default_rng([int(seed), int(index)])),
                 resolution)
+
+
+# ------------------------------------------------------------------ classifier labels
+# The label of a one-object caption for a noise-aware classifier (classifier guidance,
+# Dhariwal & Nichol 2021): one joint class per (colour, shape) object, 6 x 3 = 18 classes,
+# in the order of `object_labels()`. Two-object captions have no such label.
+NO_LABEL = -1
+
+
+@functools.cache
+def object_labels() -> tuple[str, ...]:
+  """The 18 class names, "{color} {shape}", class i = colour i // 3, shape i % 3."""
+  return tuple(f"{c} {s}" for c, s in _objects())
+
+
+def object_label(caption: str) -> int:
+  """The class of a one-object caption (`object_labels()` index), NO_LABEL for a
+  two-object caption; UserError outside the grammar. Deterministic: the label is parsed
+  from the caption, so the data pipeline gives it on every host and every run."""
+  parsed = parse_caption(caption)
+  if len(parsed.objects) != 1:
+    return NO_LABEL
+  return object_labels().index(" ".join(parsed.objects[0]))
+
+
+def prompt_label(prompt: str) -> int:
+  """The class of a prompt for classifier guidance; a prompt that is not a one-object
+  caption of the grammar is a UserError (the classifier has no label for it)."""
+  try:
+    label = object_label(prompt)
+  except UserError:
+    label = NO_LABEL
+  if label == NO_LABEL:
+    raise UserError(
+        f"prompt {prompt!r}: classifier guidance needs a classifier for labels that the "
+        f"prompt does not have; the shapes object classifier knows one-object prompts "
+        f"'a {{color}} {{shape}}' ({len(object_labels())} classes: colors {list(COLORS)}, "
+        f"shapes {list(SHAPES)}); drop the prompt or set classifier_scale = 0")
+  return label

@@ -57,6 +57,12 @@ class SamplerSettings:
       refines, and a briefly trained SR model still returns a clean upsampling. A model
       trained with `LossConfig.max_time = T` has only seen t <= T: start there or below.
       Ignored by a base stage.
+    classifier_scale: classifier guidance's scale s (Dhariwal & Nichol 2021, section 4:
+      eps' = eps - s * sigma * grad log p(y | x_t)); 0 = off. With classifier-free
+      guidance or without it (guidance_scale = 1, e.g. an unconditional model).
+    classifier_dir: the MODEL_DIR of the noise-aware classifier (imagen-train with
+      LossConfig.task = 'classifier'); each prompt's label comes from the classifier's
+      label set (data/labels.py). Required when classifier_scale > 0.
   """
   sampler: str = "ddpm"
   num_steps: int = 256
@@ -70,6 +76,8 @@ class SamplerSettings:
   guidance_rescale: float = 0.0
   resample_steps: int = 1
   lowres_start: float = 1.0
+  classifier_scale: float = 0.0
+  classifier_dir: str | None = None
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -104,6 +112,13 @@ class SamplerSettings:
     if not 0.0 < self.lowres_start <= 1.0:
       raise UserError(f"lowres_start={self.lowres_start} must be a time in (0, 1] (1 = from "
                       "pure noise)")
+    if not self.classifier_scale >= 0.0:
+      raise UserError(f"classifier_scale={self.classifier_scale} must be >= 0 (0 = no "
+                      "classifier guidance)")
+    if self.classifier_scale > 0 and not self.classifier_dir:
+      raise UserError(f"classifier_scale={self.classifier_scale} needs classifier_dir, the "
+                      "MODEL_DIR of a classifier trained by imagen-train "
+                      "(LossConfig.task = 'classifier')")
 
   @property
   def stochastic(self) -> bool:
@@ -129,6 +144,9 @@ class SamplerSettings:
       out["resample_steps"] = self.resample_steps
     if is_sr and self.lowres_start < 1.0:
       out["lowres_start"] = float(self.lowres_start)
+    if self.classifier_scale > 0:
+      out["classifier_scale"] = float(self.classifier_scale)
+      out["classifier_dir"] = str(self.classifier_dir)
     return out
 
   def guidance(self, model_fn, grid):
@@ -226,7 +244,8 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
     strength: SDEdit, float [B] in (0, 1]: start from `image` noised to that time (1 =
       from pure noise, the plain sample).
     classifier: None or (log_prob_fn(x_t, log_snr) -> [B], scale): classifier guidance
-      (Dhariwal & Nichol 2021) on top of classifier-free guidance.
+      (Dhariwal & Nichol 2021) on top of classifier-free guidance; `classifier_log_prob`
+      makes log_prob_fn from a noise-aware classifier and each example's label.
 
   Returns:
     float32 [B, H, W, C] in [-1, 1] (unclipped); `conditioning.to_uint8_image` quantises.
@@ -278,3 +297,16 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
                           objective=info.objective, x0_transform=x0_transform,
                           eta=settings.eta, start_index=start,
                           resample_steps=settings.resample_steps)
+
+
+def classifier_log_prob(classifier_fn, labels):
+  """log p(y | x_t) of a noise-aware classifier for `sample_stage`'s `classifier`:
+  classifier_fn(x_t, log_snr [B]) -> logits [B, K], labels int [B] (each example's own
+  class y) -> log_prob_fn(x_t, log_snr) = log_softmax(logits)[y], [B] (Dhariwal & Nichol
+  2021, algorithm 1 and eq. 14: the gradient of this is what guidance adds)."""
+  labels = jnp.asarray(labels, jnp.int32)
+
+  def log_prob(x, log_snr):
+    logp = jax.nn.log_softmax(classifier_fn(x, log_snr).astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  return log_prob

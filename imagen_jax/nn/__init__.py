@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from imagen_jax.nn.attention import AttentionBlock, AttentionPool
+from imagen_jax.nn.classifier import NoisyClassifier
 from imagen_jax.nn.layers import NoiseLevelEmbedding, ResBlock
 from imagen_jax.nn.unet import EfficientUNet, UNet
 from imagen_jax.parallel.rules import state_shardings

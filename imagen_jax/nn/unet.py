@@ -173,6 +173,35 @@ class _ConditionedUNet(nnx.Module):
     return emb, text, mask
 
 
+def encoder_path(res, attn, middle_attn, *, model_channels: int,
+                 channel_mult: Sequence[int], num_res_blocks: int, image_size: int):
+  """The base U-Net's down path and middle (ADM, Dhariwal & Nichol 2021), shared by `UNet`
+  and the noise-aware classifier (`nn.classifier`, ADM's "encoder half of the UNet").
+
+  Per level, `num_res_blocks` blocks `Block(res(cin, cout), attn(cout, resolution))`, then
+  (except at the last level) a downsampling `Block(res(ch, ch, "down"))`; the middle is
+  res-middle_attn(ch)-res. `res(cin, cout, resample=None)`, `attn(ch, resolution)` (None:
+  no attention) and `middle_attn(ch)` build the layers.
+  -> (down blocks, middle blocks, the channels of every skip (input conv first), the
+  lowest resolution).
+  """
+  ch = model_channels
+  skip_channels = [ch]
+  down, resolution = [], image_size
+  for level, mult in enumerate(channel_mult):
+    for _ in range(num_res_blocks):
+      down.append(Block(res(ch, mult * model_channels),
+                        attn(mult * model_channels, resolution)))
+      ch = mult * model_channels
+      skip_channels.append(ch)
+    if level != len(channel_mult) - 1:
+      down.append(Block(res(ch, ch, "down")))
+      resolution //= 2
+      skip_channels.append(ch)
+  middle = [Block(res(ch, ch), middle_attn(ch)), Block(res(ch, ch))]
+  return down, middle, skip_channels, resolution
+
+
 @gin.configurable
 class UNet(_ConditionedUNet):
   """The base U-Net (Imagen appendix F.1; ADM of Dhariwal & Nichol 2021).
@@ -229,24 +258,14 @@ class UNet(_ConditionedUNet):
     # x_t, the coordinates, then the inpainting channels (last: INIT_FROM zero-pads them).
     self.input_conv = layers.conv(channels + 2 * coord_channels + inpaint_channels, ch, 3,
                                   dtype=dt, rngs=rngs)
-    skip_channels = [ch]
-    down, resolution = [], image_size
-    for level, mult in enumerate(channel_mult):
-      for _ in range(num_res_blocks):
-        down.append(Block(res(ch, mult * model_channels),
-                          attn(mult * model_channels, resolution)))
-        ch = mult * model_channels
-        skip_channels.append(ch)
-      if level != len(channel_mult) - 1:
-        down.append(Block(res(ch, ch, "down")))
-        resolution //= 2
-        skip_channels.append(ch)
+    down, middle, skip_channels, resolution = encoder_path(
+        res, attn, lambda c: AttentionBlock(c, text_dim=model_channels, head_dim=head_dim,
+                                            num_groups=num_groups, dtype=dt, rngs=rngs),
+        model_channels=model_channels, channel_mult=channel_mult,
+        num_res_blocks=num_res_blocks, image_size=image_size)
+    ch = skip_channels[-1]
     self.down = nnx.List(down)
-    self.middle = nnx.List([
-        Block(res(ch, ch), AttentionBlock(ch, text_dim=model_channels, head_dim=head_dim,
-                                          num_groups=num_groups, dtype=dt, rngs=rngs)),
-        Block(res(ch, ch)),
-    ])
+    self.middle = nnx.List(middle)
     up = []
     for level, mult in reversed(list(enumerate(channel_mult))):
       for i in range(num_res_blocks + 1):

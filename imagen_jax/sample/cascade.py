@@ -44,8 +44,10 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from imagen_jax.data import labels as labels_lib
 from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
+from imagen_jax.nn import clip as clip_lib
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.sample import output
 from imagen_jax.diffusion import stage as stage_lib
@@ -53,6 +55,8 @@ from imagen_jax.diffusion.stage import SAMPLERS, THRESHOLDINGS, image_seeds  # n
 # Imported here, not lazily: it registers gin configurables, which gin refuses once a
 # CLI has parsed (and locked) its config.
 from imagen_jax.train import checkpoint
+from imagen_jax.train import noised_clip
+from imagen_jax.text import vocab as vocab_lib
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,12 +115,87 @@ class Stage(stage_lib.SamplerSettings):
 
 
 @dataclasses.dataclass
+class LoadedGuide:
+  """A stage's noise-aware classifier for classifier guidance (`Stage.classifier_dir`),
+  with the label set that turns prompts into its classes."""
+  model: nnx.Module
+  info: checkpoint.ModelInfo
+  label_set: labels_lib.LabelSet
+
+  def prompt_labels(self, prompts: Sequence[str]) -> np.ndarray:
+    """int32 [len(prompts)]; UserError naming the first prompt without a label."""
+    return np.array([self.label_set.prompt_label(p) for p in prompts], np.int32)
+
+  @staticmethod
+  def log_prob_fn(model, labels):
+    """log p(y | x_t) = log_softmax(model(x_t, log_snr))[y] (`model`: the merged
+    classifier inside the sampling program)."""
+    return stage_lib.classifier_log_prob(lambda x, log_snr: model(x, log_snr), labels)
+
+
+@dataclasses.dataclass
+class ClipGuide:
+  """A noised CLIP as a stage's guide (GLIDE, Nichol et al. 2021, section 2.4), written by
+  `python -m imagen_jax.train.noised_clip`: log p = exp(logit_scale) * cos(f(x_t),
+  g(prompt)), f the image tower trained on noised images, g the frozen text tower. Its
+  gradient goes through the same `classifier_guidance` hook as a classifier's."""
+  model: nnx.Module
+  info: dict
+  vocab: Any
+
+  def prompt_labels(self, prompts: Sequence[str]) -> np.ndarray:
+    """float32 [len(prompts), P]: each prompt's normalised text embedding."""
+    tokens = vocab_lib.tokenize(self.vocab, list(prompts), int(self.info["max_length"]))
+    if tokens.truncated:
+      raise UserError(f"prompt {prompts[tokens.truncated[0]]!r} is longer than the CLIP "
+                      f"guide's {self.info['max_length']} tokens; shorten it")
+    emb = self.model.encode_text(jnp.asarray(tokens.ids, jnp.int32))
+    return np.asarray(clip_lib.normalize(emb), np.float32)
+
+  @staticmethod
+  def log_prob_fn(model, text):
+    def log_prob(x, log_snr):
+      del log_snr  # the image tower reads the noise level from x_t (not time-conditioned)
+      image = clip_lib.normalize(model.encode_image(x.astype(jnp.float32)))
+      return jnp.exp(model.logit_scale[...]) * jnp.sum(image * text, axis=-1)
+    return log_prob
+
+
+def load_guide(config: Stage, image_size: int, *, mesh=None) -> LoadedGuide | ClipGuide:
+  """The guide of `config.classifier_dir`: a noise-aware classifier (EMA parameters) or a
+  noised CLIP (`train/noised_clip.py`), checked to take this stage's images."""
+  path = epath.Path(config.classifier_dir)
+  if (path / noised_clip.INFO_FILE).exists():
+    info = json.loads((path / noised_clip.INFO_FILE).read_text())
+    model = clip_lib.load_clip(path / "noised")
+    if model.config.vision.image_size != image_size:
+      raise UserError(f"the CLIP guide in {os.fspath(path)!r} takes "
+                      f"{model.config.vision.image_size}px images but the stage samples "
+                      f"{image_size}px")
+    return ClipGuide(model, info, vocab_lib.load_vocabulary(path / "spiece.model"))
+  if not (path / "model.json").exists():
+    raise UserError(f"Stage.classifier_dir={os.fspath(path)!r} is not a MODEL_DIR written "
+                    "by imagen-train (no model.json); train one with "
+                    "--gin_file=experiments/quickstart_classifier.gin")
+  model, info = checkpoint.load_for_inference(path, mesh=mesh)
+  if info.num_classes is None or not info.labels:
+    raise UserError(f"Stage.classifier_dir={os.fspath(path)!r} holds a {info.model_class}, "
+                    "not a classifier (LossConfig.task = 'classifier')")
+  if int(info.image_size) != image_size:
+    raise UserError(f"the classifier in {os.fspath(path)!r} classifies {info.image_size}px "
+                    f"images but the stage samples {image_size}px; train it at the stage's "
+                    "size")
+  return LoadedGuide(model, info, labels_lib.get_label_set(info.labels))
+
+
+@dataclasses.dataclass
 class LoadedStage:
   """A stage with its model and checkpoint description (`load_for_inference`'s
-  `ModelInfo`)."""
+  `ModelInfo`), and its classifier when it uses classifier guidance."""
   config: Stage
   model: nnx.Module
   info: checkpoint.ModelInfo
+  guide: LoadedGuide | ClipGuide | None = None
 
   @property
   def image_size(self) -> int:
@@ -157,7 +236,9 @@ def load_stage(config: Stage, *, mesh=None) -> LoadedStage:
   except FileNotFoundError as e:
     raise UserError(f"no checkpoint in {os.fspath(model_dir)!r} ({e}); point the stage at "
                     "a MODEL_DIR written by imagen-train") from e
-  return LoadedStage(config, model, info)
+  guide = (load_guide(config, int(info.image_size), mesh=mesh)
+           if config.classifier_scale > 0 else None)
+  return LoadedStage(config, model, info, guide)
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,9 +516,18 @@ class StageSampler:
     self.batch_sharding = lambda ndim: mesh_lib.batch_sharding(mesh, ndim)
 
     settings, info = stage.config.sampling, stage.info
+    self.guide_state = guide_graphdef = None
+    if stage.guide is not None:
+      guide_graphdef, guide_state = nnx.split(stage.guide.model)
+      self.guide_state = jax.device_put(guide_state, replicated)
 
-    def sample(state, seeds, text_emb, text_mask, lowres, aug_level, edit):
+    def sample(state, seeds, text_emb, text_mask, lowres, aug_level, edit, guide_state,
+               labels):
       model = nnx.merge(graphdef, state)
+      classifier = None
+      if guide_state is not None:
+        guide = nnx.merge(guide_graphdef, guide_state)
+        classifier = (stage.guide.log_prob_fn(guide, labels), settings.classifier_scale)
 
       def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None,
                    inpaint=None):
@@ -447,15 +537,21 @@ class StageSampler:
 
       x = stage_lib.sample_stage(model_fn, settings, info, seeds, stage_index,
                                  text_emb=text_emb, text_mask=text_mask, lowres=lowres,
-                                 aug_level=aug_level, **(edit or {}))
+                                 aug_level=aug_level, classifier=classifier,
+                                 **(edit or {}))
       return conditioning.to_uint8_image(x)
 
     self.jitted = jax.jit(sample, out_shardings=self.batch_sharding(4))
 
-  def __call__(self, seeds, text_emb, text_mask, lowres=None, edit=None) -> jax.Array:
+  def __call__(self, seeds, text_emb, text_mask, lowres=None, edit=None,
+               labels=None) -> jax.Array:
     """Dispatches one batch (asynchronously); all inputs have batch_size rows. `edit`: None
     or a dict of `sample_stage`'s editing arrays (negative_emb, negative_mask, image, mask,
-    strength), each with batch_size rows."""
+    strength), each with batch_size rows. `labels`: int [B], each row's class for the
+    stage's classifier guidance (required exactly when the stage has a classifier)."""
+    if (labels is None) != (self.guide_state is None):
+      raise UserError("a stage with a classifier needs one label per row, and only such "
+                      "a stage takes labels")
     put = lambda x: jax.device_put(x, self.batch_sharding(np.ndim(x)))
     args = [put(np.asarray(seeds, np.uint32)), put(np.asarray(text_emb, np.float32)),
             put(np.asarray(text_mask, bool))]
@@ -463,6 +559,7 @@ class StageSampler:
     # An argument, not a constant: stages that differ only in aug_level share one program.
     args.append(np.float32(self.stage.config.aug_level))
     args.append(None if edit is None else {k: put(np.asarray(v)) for k, v in edit.items()})
+    args += [self.guide_state, None if labels is None else put(np.asarray(labels))]
     with jax.set_mesh(self.mesh):
       return self.jitted(self.state, *args)
 
@@ -789,6 +886,9 @@ class Cascade:
                       "with start images, which the SR stages take instead")
     negatives = self._negatives(edits, pending)
     self._check_inpainting_models(first, last, edits)
+    # Classifier guidance: every prompt's class, checked before any sampling.
+    labels = {k: self.stages[k].guide.prompt_labels(prompts) for k in range(first, last)
+              if self.stages[k].guide is not None}
     stats = []
     for k in range(first, last):
       stage = self.stages[k]
@@ -825,7 +925,9 @@ class Cascade:
                                else sink.read(k - 1, it) for it in batch])
             lowres = np.concatenate([lowres, np.repeat(lowres[-1:], b - len(batch), 0)])
           out = sampler([it.seed for it in padded], emb[rows], mask[rows], lowres,
-                        self._edit_batch(k, first, padded, edits, negatives))
+                        self._edit_batch(k, first, padded, edits, negatives),
+                        labels[k][[it.prompt_index for it in padded]] if k in labels
+                        else None)
           # Write the previous batch while this one runs on the devices.
           if inflight is not None:
             self._finish(k, *inflight, sink, row, bar)

@@ -71,6 +71,10 @@ class ModelInfo:
   num_params: int | None = None
   param_shapes_sha256: str | None = None
   format_version: int = FORMAT_VERSION
+  # A noise-aware classifier (LossConfig.task = 'classifier'): its label set's name
+  # (data.labels) and class count. None for a diffusion model.
+  labels: str | None = None
+  num_classes: int | None = None
   step: int | None = None
   model_gin: str | None = None
   use_ema: bool | None = None
@@ -104,7 +108,15 @@ class ModelInfo:
 def model_info(model: nnx.Module, params, *, loss_cfg, encoder: dict | None) -> ModelInfo:
   """The description of a model about to be trained with `loss_cfg`."""
   lowres_size = getattr(model, "lowres_size", None)
+  num_classes = getattr(model, "num_classes", None)
+  task = getattr(loss_cfg, "task", "diffusion")
+  if (task == "classifier") != (num_classes is not None):
+    raise UserError(f"LossConfig.task={task!r} does not fit the model "
+                    f"{type(model).__name__}: train a classifier (create_model.model_cls = "
+                    "@NoisyClassifier) with task 'classifier' and a U-Net with 'diffusion'")
   return ModelInfo(
+      labels=getattr(model, "labels", None) if num_classes else None,
+      num_classes=None if num_classes is None else int(num_classes),
       model_class=type(model).__name__, image_size=int(model.image_size),
       lowres_size=None if lowres_size is None else int(lowres_size),
       text_dim=int(model.text_dim), channels=int(getattr(model, "channels", 3)),

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imagen_jax import config, files
 from imagen_jax import images as images_lib
+from imagen_jax.data import labels as labels_lib
 from imagen_jax.data import pipeline as pipeline_lib
 from imagen_jax.diffusion import conditioning
 from imagen_jax.errors import UserError
@@ -59,7 +60,7 @@ from imagen_jax.text import cache as cache_lib
 
 log = logging.getLogger(__name__)
 
-TRAIN_KEYS = ("image", "lowres", "text_emb", "text_mask")
+TRAIN_KEYS = ("image", "lowres", "text_emb", "text_mask", "label")
 EVAL_KEYS = TRAIN_KEYS + ("index",)
 TIME_CHECK_EVERY = 10  # steps between checks of train.max_minutes
 
@@ -105,11 +106,20 @@ def to_global(host_batch: dict, mesh, keys=TRAIN_KEYS) -> dict:
 
 def _open_data(model, *, dataset, val_dataset, embedding_cache, batch_size, seed,
                crop_size, max_length, pipeline, val_pipeline, need_val: bool):
-  """-> (pipeline, val_pipeline or None, text encoder identity or None)."""
+  """-> (pipeline, val_pipeline or None, text encoder identity or None). A model without
+  text (text_dim 0: a noise-aware classifier) reads no cache; one with a label set
+  (`NoisyClassifier.labels`) gets each caption's class in the batch (`label`)."""
   make_val = val_pipeline is None and bool(val_dataset) and need_val
   cache = None
-  if pipeline is None or make_val:  # the cache joins captions to their T5 embeddings
+  if (pipeline is None or make_val) and int(model.text_dim):  # captions -> T5 embeddings
     cache = open_cache(embedding_cache, int(model.text_dim))
+  labels = getattr(model, "labels", None)
+  label_fn = labels_lib.get_label_set(labels).data_label if labels else None
+  if labels and need_val:
+    raise UserError("a classifier run (LossConfig.task='classifier') has no validation "
+                    "loss, sample previews or sample evaluations: set train.val_every, "
+                    "train.sample_every and train.eval_every to 0 (its training accuracy "
+                    "is logged)")
   max_length = max_length or (int(cache.manifest["max_length"]) if cache else None)
 
   def make(spec):
@@ -117,7 +127,8 @@ def _open_data(model, *, dataset, val_dataset, embedding_cache, batch_size, seed
         spec, cache, image_size=int(model.image_size),
         lowres_size=getattr(model, "lowres_size", None), crop_size=crop_size,
         global_batch_size=batch_size, seed=seed, max_length=max_length,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        label_fn=label_fn)
 
   if pipeline is None:
     if not dataset:
@@ -639,6 +650,10 @@ def _make_sampler(graphdef, rest, info, mesh, num_samples, num_steps, method,
   with gin.config_scope("preview"):
     settings = stage_lib.SamplerSettings(sampler=method, num_steps=num_steps,
                                          guidance_scale=guidance_scale)
+  if settings.classifier_scale:
+    raise UserError("training previews do not load a classifier: drop "
+                    "preview/SamplerSettings.classifier_scale (imagen-sample applies it, "
+                    "docs/sample.md)")
   seeds = np.asarray(stage_lib.image_seeds(seed, range(num_samples), [0] * num_samples),
                      np.uint32)
 

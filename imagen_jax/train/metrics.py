@@ -96,7 +96,8 @@ class LogWriter:
 
 def console_line(step: int, total: int, scalars: dict) -> str:
   parts = [f"step {step}/{total}"]
-  for name, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("learning_rate", "{:.2e}"),
+  for name, fmt in (("loss", "{:.4f}"), ("accuracy", "{:.1%}"), ("grad_norm", "{:.3f}"),
+                    ("learning_rate", "{:.2e}"),
                     ("steps_per_s", "{:.2f}"), ("examples_per_s", "{:.1f}"), ("mfu", "{:.2%}"),
                     ("hfu", "{:.2%}"), ("val_loss", "{:.4f}"), ("val_loss_ema", "{:.4f}"),
                     ("decode_failures", "{:.0f}"), ("eval/fid", "{:.2f}"),

@@ -38,6 +38,9 @@ from imagen_jax.train import optim
 from imagen_jax.train.state import TrainState, merge_model
 
 
+TASKS = ("diffusion", "classifier")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -57,6 +60,10 @@ class LossConfig:
   lowres_resize: str = "none"
   val_aug_t: float = 0.1           # fixed augmentation level of the validation loss
   val_levels: int = 8              # fixed log-SNR levels of the validation loss
+  # "diffusion" (a denoising U-Net) or "classifier": a noise-aware classifier
+  # (nn.classifier.NoisyClassifier) trained with cross-entropy on noised images at
+  # log-SNR schedule(t), t ~ U[0, 1] (Dhariwal & Nichol 2021, section 4).
+  task: str = "diffusion"
 
   def validate(self):
     process.check_objective(self.objective)
@@ -71,6 +78,8 @@ class LossConfig:
     if not 0.0 < self.max_time <= 1.0:
       raise UserError(f"LossConfig.max_time={self.max_time} must be in (0, 1] (1 = every "
                       "noise level, as Imagen trains)")
+    if self.task not in TASKS:
+      raise UserError(f"LossConfig.task={self.task!r}; use one of {list(TASKS)}")
     return self
 
 
@@ -155,15 +164,48 @@ def disable_remat(model) -> None:
 
 def per_example_loss(graphdef, rest, params, batch, keys, dropout_key, cfg: LossConfig, *,
                      no_remat: bool = False):
+  """-> (loss [B], aux): aux holds sums to accumulate over micro-batches ({} for
+  diffusion; `classifier_loss`'s for a classifier)."""
   model = merge_model(graphdef, params, rest)
   if no_remat:
     disable_remat(model)
+  if cfg.task == "classifier":
+    return classifier_loss(model, batch, keys, dropout_key, cfg)
   x0, log_snr, noise, cond = noise_and_conditioning(batch, keys, cfg,
                                                     mask_cfg=training_masks(model))
   fn = model_fn(model, train=True, dropout_rng=dropout_key)
   return losses.loss_at(fn, x0, log_snr, noise,
                         objective=cfg.objective, weighting=cfg.weighting,
-                        min_snr_gamma=cfg.min_snr_gamma, **cond)
+                        min_snr_gamma=cfg.min_snr_gamma, **cond), {}
+
+
+def classifier_loss(model, batch, keys, dropout_key, cfg: LossConfig):
+  """A noise-aware classifier's loss (Dhariwal & Nichol 2021, section 4): the image noised
+  by the forward process at log-SNR schedule(t), t ~ U[0, 1] (the diffusion training's
+  draws: the same keys, schedule and noise), and the cross-entropy of the classifier's
+  logits on `batch['label']`. Examples labelled -1 (no label, e.g. two-object shapes
+  captions) are masked; per-example losses are scaled so that their mean over the batch
+  is the mean cross-entropy over the labelled examples.
+  -> (loss [B], {"correct": labelled examples classified right, "labelled": their count}).
+  """
+  if "label" not in batch:
+    raise UserError("LossConfig.task='classifier' needs labelled data: the model's label "
+                    "set gives them (NoisyClassifier.labels)")
+  x0 = conditioning.to_float_image(batch["image"])
+  split = jax.vmap(lambda k: jax.random.split(k, 5))(keys)
+  t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(split[:, 0])
+  noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(split[:, 1])
+  log_snr = schedules.get_schedule(cfg.schedule)(t)
+  logits = model(process.q_sample(x0, log_snr, noise), log_snr, train=True,
+                 dropout_rng=dropout_key)
+  labels = jnp.asarray(batch["label"], jnp.int32)
+  valid = labels >= 0
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+  labelled = jnp.sum(valid.astype(jnp.float32))
+  scale = labels.shape[0] / jnp.maximum(labelled, 1.0)
+  correct = jnp.sum((valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.float32))
+  return jnp.where(valid, ce, 0.0) * scale, {"correct": correct, "labelled": labelled}
 
 
 def _batch_size(batch) -> int:
@@ -200,9 +242,11 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
 
   def grads_of(params, batch, keys, dropout_key):
     def total(p):
-      return jnp.sum(per_example_loss(graphdef, rest, p, batch, keys, dropout_key, loss_cfg,
-                                      no_remat=no_remat))
-    return jax.value_and_grad(total)(params)
+      loss, aux = per_example_loss(graphdef, rest, p, batch, keys, dropout_key, loss_cfg,
+                                   no_remat=no_remat)
+      return jnp.sum(loss), aux
+    (loss_sum, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
+    return loss_sum, grads, aux
 
   def train_step(state: TrainState, batch: dict, rng) -> tuple[TrainState, dict]:
     b = _batch_size(batch)
@@ -211,24 +255,27 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
     example_rng, dropout_rng = jax.random.split(rng)
     keys = example_keys(example_rng, jnp.arange(b, dtype=jnp.int32))
     if micro_batches == 1:
-      loss_sum, grads = grads_of(state.params, batch, keys, dropout_rng)
+      loss_sum, grads, aux = grads_of(state.params, batch, keys, dropout_rng)
     else:
       def to_micro(x):
         x = x.reshape(b // micro_batches, micro_batches, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
 
       def body(carry, inputs):
-        g_acc, l_acc = carry
+        g_acc, l_acc, a_acc = carry
         mb, mb_keys, m = inputs
         if batch_sharding is not None:
           mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
               x, batch_sharding(x.ndim)), mb)
-        l, g = grads_of(state.params, mb, mb_keys, jax.random.fold_in(dropout_rng, m))
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+        l, g, a = grads_of(state.params, mb, mb_keys, jax.random.fold_in(dropout_rng, m))
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
+                jax.tree.map(jnp.add, a_acc, a)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, loss_sum), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32)),
+      no_aux = {"correct": 0.0, "labelled": 0.0} if loss_cfg.task == "classifier" else {}
+      (grads, loss_sum, aux), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32),
+                 jax.tree.map(lambda v: jnp.zeros((), jnp.float32), no_aux)),
           (jax.tree.map(to_micro, batch), to_micro(keys),
            jnp.arange(micro_batches, dtype=jnp.int32)))
     grads = jax.tree.map(lambda g: g / b, grads)
@@ -245,6 +292,8 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
                "learning_rate": optim.learning_rate_at(lr_fn, state.step),
                "ema_decay": decay, "param_norm": optax.global_norm(new_state.params),
                "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    if "labelled" in aux:  # a classifier: accuracy on the labelled (noised) examples
+      metrics["accuracy"] = aux["correct"] / jnp.maximum(aux["labelled"], 1.0)
     return new_state, metrics
 
   return train_step

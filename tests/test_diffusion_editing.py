@@ -2,6 +2,7 @@
 prompts, guidance schedules, the guidance interval, CFG rescale, classifier guidance,
 inpainting's x0 transform and SDEdit's per-example start."""
 
+import dataclasses
 import functools
 
 import jax
@@ -161,3 +162,33 @@ def test_stage_settings_build_the_linear_guidance_schedule(inputs):  # noqa: F81
     c, u = fake_model(x, lam, **cond), fake_model(x, lam, **_uncond(cond))
     np.testing.assert_allclose(guided(x, lam, **cond), u + expected_scale * (c - u),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_sr_stage_starts_from_its_noised_upsampled_input():
+  """SamplerSettings.lowres_start = s on an SR stage starts from up(lowres) noised to t = s
+  (the grid point nearest s). Closed form: a model predicting eps = 0 makes every DDIM step
+  x -> (alpha'/alpha) x, so the result is x_start / alpha_start = up + (sigma/alpha) noise,
+  with `noise` the stage's initial noise of each image's seed."""
+  from imagen_jax.diffusion import conditioning, stage as stage_lib
+  from imagen_jax.train.checkpoint import ModelInfo
+  size, steps, s = 8, 10, 0.3
+  info = ModelInfo(model_class="EfficientUNet", image_size=size, text_dim=4, lowres_size=4,
+                   objective="eps", lowres_resize="bilinear", max_time=0.5)
+  settings = stage_lib.SamplerSettings(sampler="ddim", num_steps=steps, guidance_scale=1.0,
+                                       thresholding="none", lowres_start=s, aug_level=0.0)
+  lowres = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+  seeds = np.array([7, 8], np.uint32)
+  zero_eps = lambda x, log_snr, **cond: jnp.zeros_like(x)
+  out = stage_lib.sample_stage(zero_eps, settings, info, seeds, 1, text_emb=jnp.zeros((2, 3, 4)),
+                               text_mask=jnp.ones((2, 3), bool), lowres=lowres)
+  k_init, _, _ = stage_lib.stage_keys(seeds, 1)
+  noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, 3)))(k_init)
+  up = conditioning.upsample(conditioning.to_float_image(lowres), size, "bilinear")
+  grid = stage_lib.sampling_grid(info.schedule, steps)
+  alpha, sigma = diffusion.alpha_sigma(grid[int(stage_lib.sdedit_start(s, steps))])
+  np.testing.assert_allclose(out, up + (sigma / alpha) * noise, rtol=1e-4, atol=1e-4)
+  # A stage trained on t <= 0.5 refuses to start from pure noise (lowres_start = 1).
+  with pytest.raises(errors.UserError, match="lowres_start"):
+    stage_lib.sample_stage(zero_eps, dataclasses.replace(settings, lowres_start=1.0), info,
+                           seeds, 1, text_emb=jnp.zeros((2, 3, 4)),
+                           text_mask=jnp.ones((2, 3), bool), lowres=lowres)

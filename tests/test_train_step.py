@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import test_train_lib as lib
+from imagen_jax import errors
 from imagen_jax.diffusion import schedules
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import rules
@@ -167,3 +168,19 @@ def test_dropout_masks_come_from_the_step_key():
   a = loss(params, jax.random.PRNGKey(1))
   assert float(a) == float(loss(params, jax.random.PRNGKey(1)))
   assert float(a) != float(loss(params, jax.random.PRNGKey(2)))
+
+
+def test_max_time_bounds_the_training_noise_levels():
+  """LossConfig.max_time = T draws t ~ U[0, T]: log-SNRs from schedule(T) up, median at
+  schedule(T / 2); validation levels stay inside the trained range."""
+  cfg = step_lib.LossConfig(max_time=0.6)
+  n = 4000
+  keys = step_lib.example_keys(jax.random.PRNGKey(2), jnp.arange(n))
+  _, log_snr, _, _ = jax.device_get(jax.jit(
+      lambda b, k: step_lib.noise_and_conditioning(b, k, cfg))(_cond_batch(n), keys))
+  assert log_snr.min() >= float(schedules.cosine_log_snr(0.6)) - 1e-4
+  np.testing.assert_allclose(np.median(log_snr), schedules.cosine_log_snr(0.3), atol=0.1)
+  assert np.all(np.asarray(step_lib.validation_levels(cfg))
+                > float(schedules.cosine_log_snr(0.6)))
+  with pytest.raises(errors.UserError, match="max_time"):
+    step_lib.LossConfig(max_time=0.0).validate()

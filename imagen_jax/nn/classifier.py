@@ -32,7 +32,8 @@ from imagen_jax.dtypes import as_dtype
 from imagen_jax.errors import UserError
 from imagen_jax.nn import layers
 from imagen_jax.nn.attention import AttentionBlock, AttentionPool
-from imagen_jax.nn.unet import IMAGE_AXES, block_rngs, encoder_path, run_block
+from imagen_jax.nn.unet import (IMAGE_AXES, block_rngs, encoder_path, level_divisor,
+                                run_block)
 from imagen_jax.parallel.rules import constrain
 
 
@@ -61,11 +62,7 @@ class NoisyClassifier(nnx.Module):
     self.lowres_size = None
     self.dtype = as_dtype(dtype)
     self.remat, self.dropout_rate = remat, dropout
-    self.divisor = 2 ** (len(channel_mult) - 1)
-    if image_size % self.divisor:
-      raise UserError(f"NoisyClassifier image_size {image_size} is not a multiple of "
-                      f"{self.divisor} (2 ** (levels - 1) for channel_mult "
-                      f"{tuple(channel_mult)})")
+    self.divisor = level_divisor("NoisyClassifier", image_size, channel_mult)
     dt = self.dtype
     emb_dim = emb_mult * model_channels
     self.time_embed = layers.NoiseLevelEmbedding(model_channels, emb_dim, dtype=dt,

@@ -61,6 +61,15 @@ class Block(nnx.Module):
     return constrain(h, IMAGE_AXES)
 
 
+def level_divisor(name: str, image_size: int, channel_mult: Sequence[int]) -> int:
+  """2 ** (levels - 1), the factor the image size must divide by; a clear error if not."""
+  divisor = 2 ** (len(channel_mult) - 1)
+  if image_size % divisor:
+    raise UserError(f"{name} image_size {image_size} is not a multiple of {divisor} "
+                    f"(2 ** (levels - 1) for channel_mult {tuple(channel_mult)})")
+  return divisor
+
+
 def block_rngs(dropout_rng: jax.Array | None):
   """A function giving a fresh dropout key per block: fold_in(dropout_rng, block index)."""
   counter = itertools.count()
@@ -232,10 +241,7 @@ class UNet(_ConditionedUNet):
     self.dtype = as_dtype(dtype)
     self.remat = remat
     self.dropout_rate = dropout
-    self.divisor = 2 ** (len(channel_mult) - 1)
-    if image_size % self.divisor:
-      raise UserError(f"UNet image_size {image_size} is not a multiple of {self.divisor} "
-                      f"(2 ** (levels - 1) for channel_mult {tuple(channel_mult)})")
+    self.divisor = level_divisor("UNet", image_size, channel_mult)
     dt = self.dtype
     emb_dim = emb_mult * model_channels
     self._init_conditioning(model_channels=model_channels, emb_dim=emb_dim,
@@ -375,11 +381,7 @@ class EfficientUNet(_ConditionedUNet):
     self.remat = remat
     self.dropout_rate = dropout
     self.skip_scale = skip_scale
-    self.divisor = 2 ** (len(channel_mult) - 1)
-    if image_size % self.divisor:
-      raise UserError(f"EfficientUNet image_size {image_size} is not a multiple of "
-                      f"{self.divisor} (2 ** (levels - 1) for channel_mult "
-                      f"{tuple(channel_mult)})")
+    self.divisor = level_divisor("EfficientUNet", image_size, channel_mult)
     dt = self.dtype
     emb_dim = emb_mult * model_channels
     self._init_conditioning(model_channels=model_channels, emb_dim=emb_dim,

@@ -250,19 +250,21 @@ def sample_stage(model_fn, settings: SamplerSettings, info, seeds, stage_index: 
   Returns:
     float32 [B, H, W, C] in [-1, 1] (unclipped); `conditioning.to_uint8_image` quantises.
   """
-  max_time = float(getattr(info, "max_time", 1.0))
+  max_time = float(info.max_time)
   start_time = settings.lowres_start if lowres is not None else 1.0
   if start_time > max_time + 1e-6:
+    fix = (f"set its Stage.lowres_start to {max_time:g} or less" if lowres is not None else
+           "a base stage starts from pure noise (t = 1): train it with LossConfig.max_time = 1")
     raise UserError(f"this {info.image_size}px stage was trained on t <= {max_time:g} "
                     f"(LossConfig.max_time) but would start sampling at t = {start_time:g}: "
-                    f"set its Stage.lowres_start to {max_time:g} or less")
+                    + fix)
   k_init, k_aug, k_sampler = stage_keys(seeds, stage_index)
   size, channels = int(info.image_size), int(info.channels)
   noise = jax.vmap(lambda k: jax.random.normal(k, (size, size, channels)))(k_init)
   grid = sampling_grid(info.schedule, settings.num_steps)
   cond = {"text_emb": text_emb, "text_mask": text_mask}
   start_image = image
-  if getattr(info, "inpaint_channels", 0):
+  if info.inpaint_channels:
     if mask is None or image is None:
       raise UserError("this stage's model is an inpainting model (inpaint_channels="
                       f"{info.inpaint_channels}): give an image and a mask to inpaint")

@@ -56,6 +56,7 @@ from imagen_jax.diffusion.stage import SAMPLERS, THRESHOLDINGS, image_seeds  # n
 # CLI has parsed (and locked) its config.
 from imagen_jax.train import checkpoint
 from imagen_jax.train import noised_clip
+from imagen_jax.train import step as step_lib
 from imagen_jax.text import vocab as vocab_lib
 
 
@@ -523,18 +524,11 @@ class StageSampler:
 
     def sample(state, seeds, text_emb, text_mask, lowres, aug_level, edit, guide_state,
                labels):
-      model = nnx.merge(graphdef, state)
+      model_fn = step_lib.model_fn(nnx.merge(graphdef, state), train=False)
       classifier = None
       if guide_state is not None:
         guide = nnx.merge(guide_graphdef, guide_state)
         classifier = (stage.guide.log_prob_fn(guide, labels), settings.classifier_scale)
-
-      def model_fn(x, log_snr, *, text_emb, text_mask, lowres=None, lowres_log_snr=None,
-                   inpaint=None):
-        extra = {} if inpaint is None else {"inpaint": inpaint}
-        return model(x, log_snr, text_emb, text_mask, lowres=lowres,
-                     lowres_log_snr=lowres_log_snr, train=False, **extra)
-
       x = stage_lib.sample_stage(model_fn, settings, info, seeds, stage_index,
                                  text_emb=text_emb, text_mask=text_mask, lowres=lowres,
                                  aug_level=aug_level, classifier=classifier,

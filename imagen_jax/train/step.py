@@ -88,6 +88,14 @@ def example_keys(rng, global_index):
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, global_index)
 
 
+def noise_level_and_noise(k_t, k_noise, shape, cfg: LossConfig):
+  """Per-example log-SNR at t ~ U[0, max_time] through cfg.schedule, and standard normal
+  noise of `shape` per example; k_t, k_noise: one key per example."""
+  t = cfg.max_time * jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(k_t)
+  noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(k_noise)
+  return schedules.get_schedule(cfg.schedule)(t), noise
+
+
 def noise_and_conditioning(batch: dict, keys, cfg: LossConfig, *, train: bool = True,
                            fixed_log_snr=None, mask_cfg: masks.MaskConfig | None = None):
   """Per-example draws and model conditioning for a (micro-)batch.
@@ -102,11 +110,8 @@ def noise_and_conditioning(batch: dict, keys, cfg: LossConfig, *, train: bool = 
   b = x0.shape[0]
   split = jax.vmap(lambda k: jax.random.split(k, 5))(keys)      # [B, 5] keys
   k_t, k_noise, k_drop, k_aug, k_aug_noise = (split[:, i] for i in range(5))
-  noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
-  if fixed_log_snr is None:
-    t = cfg.max_time * jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(k_t)
-    log_snr = schedules.get_schedule(cfg.schedule)(t)
-  else:
+  log_snr, noise = noise_level_and_noise(k_t, k_noise, x0.shape[1:], cfg)
+  if fixed_log_snr is not None:
     log_snr = jnp.broadcast_to(jnp.asarray(fixed_log_snr, jnp.float32), (b,))
 
   text_emb = jnp.asarray(batch["text_emb"])
@@ -181,8 +186,8 @@ def per_example_loss(graphdef, rest, params, batch, keys, dropout_key, cfg: Loss
 
 def classifier_loss(model, batch, keys, dropout_key, cfg: LossConfig):
   """A noise-aware classifier's loss (Dhariwal & Nichol 2021, section 4): the image noised
-  by the forward process at log-SNR schedule(t), t ~ U[0, 1] (the diffusion training's
-  draws: the same keys, schedule and noise), and the cross-entropy of the classifier's
+  by the forward process at log-SNR schedule(t), t ~ U[0, max_time] (the diffusion
+  training's draws, `noise_level_and_noise`: the same keys, schedule and noise), and the cross-entropy of the classifier's
   logits on `batch['label']`. Examples labelled -1 (no label, e.g. two-object shapes
   captions) are masked; per-example losses are scaled so that their mean over the batch
   is the mean cross-entropy over the labelled examples.
@@ -193,9 +198,7 @@ def classifier_loss(model, batch, keys, dropout_key, cfg: LossConfig):
                     "set gives them (NoisyClassifier.labels)")
   x0 = conditioning.to_float_image(batch["image"])
   split = jax.vmap(lambda k: jax.random.split(k, 5))(keys)
-  t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(split[:, 0])
-  noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(split[:, 1])
-  log_snr = schedules.get_schedule(cfg.schedule)(t)
+  log_snr, noise = noise_level_and_noise(split[:, 0], split[:, 1], x0.shape[1:], cfg)
   logits = model(process.q_sample(x0, log_snr, noise), log_snr, train=True,
                  dropout_rng=dropout_key)
   labels = jnp.asarray(batch["label"], jnp.int32)

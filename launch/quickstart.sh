@@ -113,7 +113,19 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 # Compiled programs are kept, so a second run skips most compilation.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$ROOT/.cache/jax}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}"
-echo "python: $("$bin/python" --version 2>&1); output: $out"
+# One simulated CPU device per usable core (a power of two, at most 8), so training and
+# sampling are data parallel over the cores: on 2 cores the base step ran 1.3-1.5x faster
+# than on one device whose ops are split over the cores by XLA's threads, and 4 or 8
+# devices on 2 cores were slower than 2 (docs/benchmarks.md). On a GPU or TPU this only
+# shapes the unused CPU backend. An XLA_FLAGS that already sets the count is kept.
+if [[ "${XLA_FLAGS:-}" != *xla_force_host_platform_device_count* ]]; then
+  cores="$(nproc)" cpu_devices=1
+  while [ $((cpu_devices * 2)) -le "$cores" ] && [ "$cpu_devices" -lt 8 ]; do
+    cpu_devices=$((cpu_devices * 2))
+  done
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$cpu_devices"
+fi
+echo "python: $("$bin/python" --version 2>&1); output: $out; XLA_FLAGS: $XLA_FLAGS"
 
 # ---- 1. text encoder
 phase "1. text encoder"

@@ -110,7 +110,8 @@ def test_prompts_file():
 
 def _quickstart(*args, env=None, timeout=900):
   env = dict(os.environ if env is None else env)
-  # The quickstart runs as a user runs it: one CPU device, not the tests' 8 simulated ones.
+  # The quickstart runs as a user runs it, choosing its CPU devices itself (one per usable
+  # core), not with the tests' 8 simulated ones.
   env.pop("XLA_FLAGS", None)
   return subprocess.run([str(ROOT / "launch" / "quickstart.sh"), *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -137,6 +138,9 @@ def test_quickstart_smoke_runs_every_phase(tmp_path):
                  "5. sampling", "6. ShapesBench", "quickstart finished"):
     assert header in result.stdout, header
   assert "ShapesBench, stage 0 (16px)" in result.stdout
+  cores = len(os.sched_getaffinity(0))
+  devices = max(d for d in (1, 2, 4, 8) if d <= cores)  # one per core, a power of two
+  assert f"XLA_FLAGS: --xla_force_host_platform_device_count={devices}\n" in result.stdout
   assert "ShapesBench, stage 1 (64px)" in result.stdout
   samples = out / "samples"
   rows = [json.loads(l) for l in (samples / "index.jsonl").read_text().splitlines()]

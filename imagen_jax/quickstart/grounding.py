@@ -36,6 +36,7 @@ from imagen_jax.data import shapes
 from imagen_jax.errors import UserError
 from imagen_jax.nn import layers
 from imagen_jax.nn.attention import masked_attention
+from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text import t5, vocab as vocab_lib
 
 
@@ -145,6 +146,13 @@ def pretrain(encoder: t5.T5Encoder, vocabulary, *, steps: int = 1000, batch_size
     encoder, head = nnx.merge(graphdef, params)
     return head(encoder(ids, mask), mask)
 
+  # Data parallel over the local devices (the quickstart makes one per CPU core): the
+  # parameters replicated, each batch split by rows. With 2 CPU devices on 2 cores, a
+  # one-device program ran at 12.5 steps/s against 17.1 with one device in all.
+  devices = jax.local_devices()[:math.gcd(batch_size, jax.local_device_count())]
+  mesh = mesh_lib.make_mesh(devices=devices)
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  rows = lambda a: jax.device_put(a, mesh_lib.batch_sharding(mesh, a.ndim))
   tx = optax.adam(learning_rate)
   opt_state = tx.init(params)
 
@@ -161,8 +169,8 @@ def pretrain(encoder: t5.T5Encoder, vocabulary, *, steps: int = 1000, batch_size
   for step in tqdm(range(steps), desc="grounding the text encoder", unit="step",
                    disable=not progress):
     batch = rng.integers(num_scenes, size=batch_size)
-    params, opt_state, loss = train_step(params, opt_state, tokens.ids[batch],
-                                         tokens.mask[batch], images[batch])
+    params, opt_state, loss = train_step(params, opt_state, rows(tokens.ids[batch]),
+                                         rows(tokens.mask[batch]), rows(images[batch]))
     if step % log_every == 0 or step == steps - 1:
       losses.append(float(loss))
   nnx.update(encoder, params[0])

@@ -15,8 +15,8 @@
 #   3. imagen-train: the 16x16 base model (experiments/quickstart_base.gin);
 #   4. imagen-train: the 16->64 super-resolution model, trained on 32x32 crops
 #      (experiments/quickstart_sr.gin);
-#   5. imagen-sample: two images for each of experiments/quickstart_prompts.txt through the
-#      cascade into OUT_DIR/samples/ (stage0/ 16 px, stage1/ 64 px, grid.png, index.jsonl);
+#   5. imagen-sample: experiments/quickstart_prompts.txt through the cascade into
+#      OUT_DIR/samples/ (stage0/ 16 px, stage1/ 64 px, grid.png, index.jsonl);
 #   6. imagen-eval shapesbench: scores every image; prints one table per stage.
 #
 # --smoke: every phase with tiny models, a few steps and a few prompts (CI; ~2 minutes).
@@ -201,13 +201,8 @@ phase "4. SR model 16->64 (imagen-train)"
 
 # ---- 5. sampling
 phase "5. sampling (imagen-sample)"
-# Two images per prompt: ShapesBench's shape score on 44 training prompts moves by about
-# 7 points (one standard error) between seeds with one image each; two halve its variance.
-samples_per_prompt=2
-[ "$smoke" = 1 ] && samples_per_prompt=1
 "$bin/imagen-sample" --gin_file=experiments/quickstart_sample.gin \
   --prompts="$prompts" --out_dir="$out/samples" --cache_dir="$cache" \
-  --num_samples="$samples_per_prompt" --grid_max_images=112 \
   --gin.BASE_DIR="'$out/base'" --gin.SR_DIR="'$out/sr'" --gin.T5_PATH="'$t5'" \
   --gin.MAX_LENGTH="$max_length" ${sample_args[@]+"${sample_args[@]}"}
 

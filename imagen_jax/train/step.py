@@ -188,9 +188,9 @@ def classifier_loss(model, batch, keys, dropout_key, cfg: LossConfig):
   """A noise-aware classifier's loss (Dhariwal & Nichol 2021, section 4): the image noised
   by the forward process at log-SNR schedule(t), t ~ U[0, max_time] (the diffusion
   training's draws, `noise_level_and_noise`: the same keys, schedule and noise), and the
-  cross-entropy of the classifier's logits on `batch['label']`. Examples labelled -1 (no label, e.g. two-object shapes
-  captions) are masked; per-example losses are scaled so that their mean over the batch
-  is the mean cross-entropy over the labelled examples.
+  cross-entropy of the classifier's logits on `batch['label']`. Examples labelled -1 (no
+  label, e.g. two-object shapes captions) are masked; per-example losses are scaled so
+  that their mean over the batch is the mean cross-entropy over the labelled examples.
   -> (loss [B], {"correct": labelled examples classified right, "labelled": their count}).
   """
   if "label" not in batch:

@@ -16,7 +16,9 @@ median step time and its ratio to the first variant.
 A variant is `name=binding;binding;...` (gin bindings) or, with --env_variant,
 `name=VAR=value;VAR=value` (environment). The step is `train.step.make_train_step` with
 Adam (the optimizer gin's default) on synthetic batches (random uint8 images, random text
-embeddings, random caption lengths); no input pipeline, sharding or donation on one device.
+embeddings, random caption lengths), without the input pipeline. With several devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=N) the step is data parallel over them,
+as in imagen-train: the batch is split, the state replicated.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def build_step(gin_files: list[str], bindings: list[str], batch: int, text_lengt
   import jax
   from imagen_jax import config
   import imagen_jax.nn as nn
+  from imagen_jax.parallel import mesh as mesh_lib
   from imagen_jax.train import optim, state as state_lib, step as step_lib
   from imagen_jax.train import metrics as metrics_lib
 
@@ -61,13 +64,19 @@ def build_step(gin_files: list[str], bindings: list[str], batch: int, text_lengt
   model = nn.init_model(0)
   graphdef, params, rest = state_lib.split_model(model)
   tx, lr = optim.make_optimizer(learning_rate=1e-4)
-  state = jax.jit(lambda p: state_lib.init_train_state(p, tx, 0))(params)
+  # Data parallel over every device (several with --xla_force_host_platform_device_count):
+  # the batch split over them, the state replicated. One device: a plain jit.
+  mesh = mesh_lib.make_mesh()
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  state = jax.jit(lambda p: state_lib.init_train_state(p, tx, 0),
+                  out_shardings=replicated)(params)
   step = step_lib.make_train_step(graphdef, rest, tx, loss_cfg=step_lib.LossConfig(),
                                   lr_fn=lr)
   jitted = jax.jit(lambda s, b: step(s, b, step_lib.step_key(s.rng, s.step)),
                    donate_argnums=(0,))
   data = jax.device_put(synthetic_batch(batch, int(model.image_size), text_length,
-                                        int(model.text_dim)))
+                                        int(model.text_dim)),
+                        mesh_lib.batch_sharding(mesh, 1))
   t0 = time.perf_counter()
   lowered = jitted.lower(state, data)
   compiled = lowered.compile()

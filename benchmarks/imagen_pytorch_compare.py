@@ -15,7 +15,10 @@ lengths): forward, MSE against the noise, backward, global-norm clipping at 1, A
 EMA update. Ours is `train.step.make_train_step` (jitted; it also draws the noise levels,
 noise and caption dropout inside the step). Theirs is `imagen_pytorch.Unet` called the way
 `imagen_pytorch.Imagen` calls it in training (continuous times, cond_drop_prob 0.1), in
-float32 with `torch.set_num_threads(--threads)`.
+float32 with `torch.set_num_threads(--threads)`. Ours is data parallel over the JAX devices
+as in imagen-train: with XLA_FLAGS=--xla_force_host_platform_device_count=N (one CPU device
+per core, as launch/quickstart.sh sets) the batch is split over N devices; by default XLA
+has one device and splits each operation over the cores' threads.
 
 Their U-Net is built from our gin shape: dim = model_channels, dim_mults = channel_mult,
 num_resnet_blocks = num_res_blocks, self- and cross-attention at the levels whose

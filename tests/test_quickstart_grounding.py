@@ -35,6 +35,23 @@ def test_pretraining_learns_the_layout_order(vocabulary):
   assert not np.allclose(np.asarray(encoder.embedding[...]), before)
 
 
+def test_chunking_of_the_steps_does_not_change_the_training(vocabulary):
+  """The steps run in jitted chunks of `log_every`: where the chunks end changes neither the
+  weights nor the logged losses (one every log_every steps, and the last step's)."""
+  runs = {}
+  for log_every in (3, 6):
+    encoder = _encoder(vocabulary)
+    report = grounding.pretrain(encoder, vocabulary, steps=6, batch_size=16, seed=3,
+                                num_scenes=64, log_every=log_every, progress=False)
+    runs[log_every] = (report.losses, np.asarray(encoder.embedding[...]))
+  (losses3, weights3), (losses6, weights6) = runs[3], runs[6]
+  assert len(losses3) == 3 and len(losses6) == 2  # steps 0, 3, 5 and 0, 5
+  np.testing.assert_allclose([losses3[0], losses3[-1]], losses6, rtol=1e-5)
+  assert losses3[-1] < losses3[0]
+  np.testing.assert_allclose(weights3, weights6, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(weights3, np.asarray(_encoder(vocabulary).embedding[...]))
+
+
 def test_order_accuracy_scores_a_known_predictor(vocabulary):
   """The metric itself: the caption's own mean image scores 1, the swapped one's 0."""
   two = [c for c in shapes.all_captions("train") if shapes.parse_caption(c).relation][:12]

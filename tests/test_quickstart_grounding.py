@@ -72,7 +72,8 @@ def test_order_accuracy_scores_a_known_predictor(vocabulary):
 def test_bad_settings(vocabulary):
   encoder = _encoder(vocabulary)
   for kwargs, match in (({"steps": -1}, "negative"), ({"resolution": 1}, "resolution"),
-                        ({"batch_size": 0}, "batch_size"), ({"learning_rate": 0}, "positive")):
+                        ({"batch_size": 0}, "batch_size"), ({"learning_rate": 0}, "positive"),
+                        ({"log_every": 0}, "log_every")):
     with pytest.raises(UserError, match=match):
       grounding.pretrain(encoder, vocabulary, progress=False, **kwargs)
   with pytest.raises(UserError, match="max_length"):

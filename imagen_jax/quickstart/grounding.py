@@ -92,7 +92,8 @@ class GroundingReport:
             "captions (50% = chance)")
 
 
-def _check(steps: int, batch_size: int, resolution: int, learning_rate: float) -> None:
+def _check(steps: int, batch_size: int, resolution: int, learning_rate: float,
+           log_every: int) -> None:
   if steps < 0:
     raise UserError(f"grounding steps={steps} is negative; use 0 (a random encoder) or more")
   if batch_size < 1:
@@ -102,6 +103,9 @@ def _check(steps: int, batch_size: int, resolution: int, learning_rate: float) -
                     "head must see left from right")
   if not learning_rate > 0:
     raise UserError(f"grounding learning_rate={learning_rate} must be positive")
+  if log_every < 1:
+    raise UserError(f"grounding log_every={log_every} must be at least 1 (the steps run "
+                    "in jitted chunks of log_every)")
 
 
 def order_accuracy(predict, vocabulary, captions: Sequence[str], resolution: int,
@@ -131,7 +135,7 @@ def pretrain(encoder: t5.T5Encoder, vocabulary, *, steps: int = 1000, batch_size
   the same arguments give the same weights. `vocabulary` is a seqio vocabulary (the
   encoder's tokenizer).
   """
-  _check(steps, batch_size, resolution, learning_rate)
+  _check(steps, batch_size, resolution, learning_rate, log_every)
   start = time.time()
   head = GroundingHead(encoder.config.d_model, resolution, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split((encoder, head))

@@ -11,8 +11,8 @@
 # Process i runs `COMMAND ARGS... --coordinator_address=localhost:PORT --process_count=N
 # --process_index=i` with JAX_PLATFORMS=cpu and XLA_FLAGS asking for D simulated devices
 # (other XLA_FLAGS are kept), and without JAX's persistent compilation cache unless
-# JAX_ENABLE_COMPILATION_CACHE is set (see below). Its output lines are prefixed with
-# "[i] ". PORT defaults to a free port outside the ephemeral range. Each process runs in its
+# JAX_ENABLE_COMPILATION_CACHE is set (see below). Its output lines, stdout and stderr
+# alike, come out on our stdout prefixed with "[i] ". PORT defaults to a free port outside the ephemeral range. Each process runs in its
 # own process group.
 #
 # Exit status: 0 when every process exits 0. As soon as one fails, the others are stopped
@@ -125,11 +125,15 @@ describe() {  # an exit status in words
 }
 
 for ((i = 0; i < num; i++)); do
-  fifo="$workdir/out.$i"
-  mkfifo "$fifo"
-  # The printer prefixes each line; it ends when every writer of the fifo has exited.
-  sed -u "s/^/[$i] /" < "$fifo" &
-  printers+=($!)
+  # Stdout and stderr each get their own fifo and printer, so that a library's log line on
+  # stderr never lands inside a line the program is printing on stdout. Each printer
+  # prefixes whole lines and writes them to our stdout; it ends when every writer of its
+  # fifo has exited.
+  for stream in out err; do
+    mkfifo "$workdir/$stream.$i"
+    sed -u "s/^/[$i] /" < "$workdir/$stream.$i" &
+    printers+=($!)
+  done
   (
     trap - INT TERM
     export JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags"
@@ -143,7 +147,7 @@ for ((i = 0; i < num; i++)); do
     # stop_all can signal as a whole, children included.
     exec setsid "${cmd[@]}" "--coordinator_address=localhost:$port" \
       "--process_count=$num" "--process_index=$i"
-  ) > "$fifo" 2>&1 < /dev/null &
+  ) > "$workdir/out.$i" 2> "$workdir/err.$i" < /dev/null &
   pids+=($!)
   index_of[$!]=$i
   waiting[$!]=1

@@ -41,6 +41,10 @@ PROGRAM = textwrap.dedent("""\
       time.sleep(60)
     if behaviour == "sleep":
       time.sleep(60)
+    if behaviour == "log_mid_line":  # a library logs on stderr while a line is half printed
+      sys.stdout.write("half"); sys.stdout.flush(); time.sleep(0.2)
+      sys.stderr.write("a log line\\n"); sys.stderr.flush(); time.sleep(0.2)
+      print(" and the rest", flush=True)
     child.kill()
     """)
 
@@ -85,6 +89,13 @@ def test_multiprocess_runs_n_copies_with_flags_env_and_prefixes(tmp_path):
                                            "--xla_force_host_platform_device_count=2"]
     assert record["JAX_PLATFORMS"] == "cpu"
     assert record["cache"] == "false"  # see multiprocess_cpu.sh: keeps processes in step
+
+
+def test_multiprocess_keeps_stdout_lines_whole_when_stderr_logs(tmp_path):
+  result, _ = run_multiprocess(tmp_path, "2", behaviour={0: "log_mid_line"})
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert "[0] half and the rest" in lines and "[0] a log line" in lines, result.stdout
 
 
 def test_multiprocess_stops_all_when_one_fails(tmp_path):

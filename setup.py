@@ -19,7 +19,6 @@ INSTALL_REQUIRES = [
     "safetensors>=0.5,<1",
     "pillow>=10,<14",
     "tqdm>=4.66,<5",
-    "clu>=0.0.12,<0.1",
     "tensorboard>=2.21,<3",
     "etils[epath]>=1.7,<2",
     "numpy>=1.26,<3",

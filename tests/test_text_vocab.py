@@ -1,7 +1,10 @@
-"""Tokenization (T5 conventions through seqio) and deterministic sentencepiece training."""
+"""Tokenization (T5 conventions, the same ids as seqio) and deterministic sentencepiece
+training."""
 
 import io
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -47,6 +50,27 @@ def test_truncation_keeps_eos(seqio_vocab):
 
 def test_default_max_length_is_128(seqio_vocab):
   assert vocab.tokenize(seqio_vocab, ["a"]).ids.shape == (1, 128)
+
+
+def test_same_ids_as_seqio_without_importing_tensorflow(seqio_spm, tmp_path):
+  import seqio
+  trained = vocab.train_sentencepiece(TEXTS, tmp_path / "t.model", vocab_size=48)
+  texts = ["a red circle above a purple square", "", "  two  spaces ", "Ünïcode: ∑ 3.5%",
+           "unknown words: zebra quokka"]
+  for path in (seqio_spm, trained):
+    ours, theirs = vocab.load_vocabulary(path), seqio.SentencePieceVocabulary(str(path))
+    assert (ours.vocab_size, ours.eos_id, ours.pad_id) == (theirs.vocab_size,
+                                                           theirs.eos_id, theirs.pad_id)
+    for text in texts:
+      ids = ours.encode(text)
+      assert ids == list(theirs.encode(text)), (path, text)
+      assert ours.decode(ids) == theirs.decode(ids)
+  # Loading and tokenizing must not pull in TensorFlow (seconds of every command's start).
+  code = ("import sys; from imagen_jax.text import vocab; "
+          f"vocab.tokenize(vocab.load_vocabulary({str(trained)!r}), ['a red circle']); "
+          "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_train_sentencepiece_is_deterministic_with_t5_ids(tmp_path):

@@ -1,6 +1,7 @@
 """The training loop: exact resumption (after SIGTERM and after SIGKILL), the NaN guard,
 checkpoint contents. All runs share one tiny program (persistent compilation cache)."""
 
+import io
 import json
 import os
 import signal
@@ -173,8 +174,29 @@ def test_sigkill_then_restart_is_bit_exact(tmp_path, reference):
   assert lib.params_equal(state.ema_params, ref.ema_params)
 
 
+def test_tensorboard_writer_does_not_import_tensorflow(tmp_path):
+  code = textwrap.dedent(f"""\
+      import sys
+      import numpy as np
+      from imagen_jax.train import metrics
+      writer = metrics.create_writer({str(tmp_path)!r})
+      writer.write_hparams({{"batch_size": 8, "mesh": {{"data": 2}}}})
+      writer.write_scalars(1, {{"loss": 0.5}})
+      writer.write_images(1, {{"grid": np.zeros((2, 4, 4, 3), np.float32)}})
+      writer.close()
+      print("tensorflow" in sys.modules)""")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+  events.Reload()
+  assert events.Tags()["images"] == ["grid/0", "grid/1"]
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5)]
+
+
 def test_run_directory_files(reference):
-  model_dir, ref, _ = reference
+  model_dir, ref, last = reference
   info = json.loads((model_dir / "model.json").read_text())
   assert info["model_class"] == "TinyNet" and info["text_dim"] == 8
   assert info["image_size"] == 8 and info["lowres_size"] is None
@@ -189,6 +211,20 @@ def test_run_directory_files(reference):
   truth = lib.FakePipeline(BATCH).host_batch(0)["image"][:4]
   np.testing.assert_array_equal(grid[64::8, ::8][:8].reshape(8, 4, 8, 3).transpose(1, 0, 2, 3),
                                 truth)
+  # TensorBoard reads back every logged loss, the grid and the hyperparameters.
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(model_dir / "tb"), size_guidance={
+      event_accumulator.IMAGES: 0, event_accumulator.SCALARS: 0})
+  events.Reload()
+  losses = {e.step: e.value for e in events.Scalars("loss")}
+  assert sorted(losses) == list(range(1, STEPS + 1))  # log_every=1
+  assert losses[STEPS] == pytest.approx(last["loss"], rel=1e-6)
+  (image,) = events.Images("samples")
+  assert image.step == STEPS
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))),
+                                grid)
+  assert "_hparams_/session_start_info" in events.Tags()["tensors"] + list(
+      events.summary_metadata)
   # keep_checkpoints=3 by default: of 2, 4, 6 all remain; the last holds the final state.
   checkpointer = ckpt_lib.Checkpointer(model_dir)
   assert checkpointer.all_steps() == [2, 4, 6]

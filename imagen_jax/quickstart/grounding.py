@@ -132,8 +132,8 @@ def pretrain(encoder: t5.T5Encoder, vocabulary, *, steps: int = 1000, batch_size
 
   Scenes are the first `num_scenes` (at most steps * batch_size) of
   `shapes.sample_scene(seed, i)`; batches are drawn from them with `seed`. Deterministic:
-  the same arguments give the same weights. `vocabulary` is a seqio vocabulary (the
-  encoder's tokenizer).
+  the same arguments give the same weights. `vocabulary` is the encoder's
+  `text.vocab.Vocabulary`.
   """
   _check(steps, batch_size, resolution, learning_rate, log_every)
   start = time.time()

@@ -1,4 +1,8 @@
-"""Tokenization for the T5 encoder: seqio's SentencePieceVocabulary, T5's conventions.
+"""Tokenization for the T5 encoder: a sentencepiece model with T5's conventions.
+
+`Vocabulary` encodes as seqio's `SentencePieceVocabulary` does (no extra ids), with
+sentencepiece alone: seqio imports TensorFlow, 5 s of every command's start-up
+(tests/test_text_vocab.py checks the two give the same ids).
 
 T5 ids: 0 = pad, 1 = EOS, 2 = unk, no BOS. seqio hard-codes `PAD_ID = 0` and pads every
 feature with 0, and T5 code (t5x, seqio's feature converters) treats id 0 as padding. A
@@ -30,20 +34,45 @@ class Tokens(NamedTuple):
   truncated: list[int]  # indices of captions cut to fit max_length (callers warn)
 
 
-def load_vocabulary(path: str | os.PathLike):
-  """A `seqio.SentencePieceVocabulary` for a sentencepiece model file (local or gs://).
+class Vocabulary:
+  """A sentencepiece model with T5's ids: `encode` gives the pieces' ids (no EOS)."""
+
+  def __init__(self, processor):
+    self.tokenizer = processor  # sentencepiece.SentencePieceProcessor
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.GetPieceSize()
+
+  @property
+  def pad_id(self) -> int:
+    return self.tokenizer.pad_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self.tokenizer.eos_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.EncodeAsIds(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tokenizer.DecodeIds(list(ids))
+
+
+def load_vocabulary(path: str | os.PathLike) -> Vocabulary:
+  """The `Vocabulary` of a sentencepiece model file (local or gs://).
 
   Raises UserError if the file is missing or its ids do not follow T5 (pad 0, an EOS).
   """
-  import seqio  # imports tensorflow: keep it out of module import time
+  import sentencepiece as spm
   path = epath.Path(path)
   if not path.exists():
     raise UserError(f"sentencepiece model {os.fspath(path)!r} does not exist; pass the "
                     "checkpoint's spiece.model or train one with "
                     "imagen_jax.text.vocab.train_sentencepiece")
-  vocab = seqio.SentencePieceVocabulary(os.fspath(path))
+  processor = spm.SentencePieceProcessor()
   try:
-    processor = vocab.tokenizer
+    processor.LoadFromSerializedProto(path.read_bytes())
   except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad file
     raise UserError(f"{os.fspath(path)!r} is not a sentencepiece model: {e}") from e
   if processor.pad_id() != 0 or processor.eos_id() <= 0:
@@ -53,7 +82,7 @@ def load_vocabulary(path: str | os.PathLike):
         "id 0 must be the pad piece and an EOS must exist, or padding collides with a real "
         "token. Retrain it with pad_id=0, eos_id=1, unk_id=2, bos_id=-1 "
         "(imagen_jax.text.vocab.train_sentencepiece does)")
-  return vocab
+  return Vocabulary(processor)
 
 
 def vocabulary_sha256(path: str | os.PathLike) -> str:

@@ -66,8 +66,8 @@ def utilisation(flops_per_step: float | None, steps_per_s: float, peak_per_devic
 
 
 def create_writer(model_dir, *, process_index: int = 0, tensorboard: bool = True):
-  """The metric writer: TensorBoard summaries under MODEL_DIR/tb (and the log) on process
-  0, the log only elsewhere or without `tensorboard`."""
+  """The metric writer: TensorBoard summaries under MODEL_DIR/tb on process 0, the log
+  elsewhere or without `tensorboard`."""
   if not tensorboard or process_index > 0:
     return LogWriter()
   return TensorBoardWriter(epath.Path(model_dir) / "tb")
@@ -94,10 +94,11 @@ class LogWriter:
 
 
 class TensorBoardWriter(LogWriter):
-  """The same interface, also writing a TensorBoard event file with tensorboard's record
-  format and protos. clu's writers go through `tf.summary`, and tensorboard's
-  EventFileWriter through `tf.io.gfile`: importing TensorFlow cost every training run 4-5 s
-  of start-up. Each write is one appended record, flushed."""
+  """The same interface, writing a TensorBoard event file (not the log: the console line
+  shows the scalars) with tensorboard's record format and protos. clu's writers go through
+  `tf.summary`, and tensorboard's EventFileWriter through `tf.io.gfile`: importing
+  TensorFlow cost every training run 4-5 s of start-up. Each write is one appended
+  record, flushed."""
 
   def __init__(self, logdir):
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -115,7 +116,6 @@ class TensorBoardWriter(LogWriter):
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     from tensorboard.compat.proto import summary_pb2
-    super().write_scalars(step, scalars)
     self._add(summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]),
               step)
@@ -124,7 +124,6 @@ class TensorBoardWriter(LogWriter):
     """images: name -> [N, H, W, C] (or [H, W, C]) uint8, or floats in [0, 1]."""
     from PIL import Image
     from tensorboard.compat.proto import summary_pb2
-    super().write_images(step, images)
     values = []
     for name, batch in images.items():
       batch = np.asarray(batch)
@@ -143,7 +142,6 @@ class TensorBoardWriter(LogWriter):
 
   def write_hparams(self, hparams: dict) -> None:
     from tensorboard.plugins.hparams import summary_v2
-    super().write_hparams(hparams)
     self._add(summary_v2.hparams_pb({k: v if isinstance(v, (bool, int, float, str)) else str(v)
                                      for k, v in hparams.items()}))
 

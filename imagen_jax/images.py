@@ -21,13 +21,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(Image.open(f).convert("RGB"))
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray | Image.Image) -> None:
-  """Writes uint8 [H, W, 3] (or a PIL image) as PNG through a temporary file and a rename."""
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+  """uint8 [H, W, C] (C = 1, 3 or 4) or a PIL image, encoded as PNG."""
   if not isinstance(image, Image.Image):
-    image = Image.fromarray(np.asarray(image, np.uint8))
+    image = np.asarray(image, np.uint8)
+    image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   buf = io.BytesIO()
   image.save(buf, format="PNG")
-  files.write_atomic(path, buf.getvalue())
+  return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray | Image.Image) -> None:
+  """Writes uint8 [H, W, 3] (or a PIL image) as PNG through a temporary file and a rename."""
+  files.write_atomic(path, png_bytes(image))
 
 
 def _wrap_captions(captions: Sequence[str], chars_per_line: int,

@@ -223,8 +223,7 @@ def test_run_directory_files(reference):
   assert image.step == STEPS
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))),
                                 grid)
-  assert "_hparams_/session_start_info" in events.Tags()["tensors"] + list(
-      events.summary_metadata)
+  assert "_hparams_/session_start_info" in events.Tags()["tensors"]
   # keep_checkpoints=3 by default: of 2, 4, 6 all remain; the last holds the final state.
   checkpointer = ckpt_lib.Checkpointer(model_dir)
   assert checkpointer.all_steps() == [2, 4, 6]

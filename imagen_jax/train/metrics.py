@@ -8,7 +8,6 @@ actually run (recomputation included) is the hardware FLOP utilisation (HFU).
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -19,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+
+from imagen_jax import images as images_lib
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,6 @@ class TensorBoardWriter(LogWriter):
 
   def write_images(self, step: int, images: dict) -> None:
     """images: name -> [N, H, W, C] (or [H, W, C]) uint8, or floats in [0, 1]."""
-    from PIL import Image
     from tensorboard.compat.proto import summary_pb2
     values = []
     for name, batch in images.items():
@@ -131,13 +131,11 @@ class TensorBoardWriter(LogWriter):
       if batch.dtype != np.uint8:
         batch = np.round(np.clip(batch, 0.0, 1.0) * 255).astype(np.uint8)
       for i, image in enumerate(batch):
-        png = io.BytesIO()
-        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(png, "PNG")
         values.append(summary_pb2.Summary.Value(
             tag=name if len(batch) == 1 else f"{name}/{i}",
             image=summary_pb2.Summary.Image(height=image.shape[0], width=image.shape[1],
                                             colorspace=image.shape[-1],
-                                            encoded_image_string=png.getvalue())))
+                                            encoded_image_string=images_lib.png_bytes(image))))
     self._add(summary_pb2.Summary(value=values), step)
 
   def write_hparams(self, hparams: dict) -> None:

@@ -215,6 +215,8 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--warmup", type=int, default=100)
+  p.add_argument("--b2", type=float, default=0.999, help="Adam's second-moment decay")
+  p.add_argument("--clip_norm", type=float, default=1.0)
   p.add_argument("--decay_steps", type=int, default=0, help="cosine decay after warm-up")
   p.add_argument("--ema", type=float, default=0.999)
   p.add_argument("--objective", default="eps")
@@ -272,7 +274,8 @@ def main(argv=None):
   n_params = nn.param_count(params)
   sched = lambda s: optim.lr_schedule(s, peak_lr=args.lr, warmup_steps=args.warmup,
                                       decay_steps=args.decay_steps or None)
-  tx, _ = optim.make_optimizer("adam", learning_rate=sched, clip_norm=1.0)
+  tx, _ = optim.make_optimizer("adam", learning_rate=sched, clip_norm=args.clip_norm,
+                               b2=args.b2)
   opt_state = tx.init(params)
   ema = jax.tree.map(jnp.copy, params)
   loss_cfg = step_lib.LossConfig(objective=args.objective, weighting=args.weighting,
@@ -331,8 +334,8 @@ def main(argv=None):
       train_time += time.time() - ts
       train_cpu += time.process_time() - cs
     if step % 250 == 0:
-      print(f"[{args.name}] step {step} loss {float(loss):.4f} "
-            f"{(step - 2) / max(train_time, 1e-9):.2f} steps/s", flush=True)
+      rate = f" {(step - 2) / train_time:.2f} steps/s" if train_time else ""
+      print(f"[{args.name}] step {step} loss {float(loss):.4f}{rate}", flush=True)
     if step + 1 in eval_steps and not args.no_eval:
       for which, weights in (("ema", ema),):
         for cfg in samplers:

@@ -33,6 +33,7 @@ Text assets and the embedding cache are built on first use in --work (a random T
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -63,7 +64,15 @@ from imagen_jax.train import step as step_lib  # noqa: E402
 def ensure_text(work: str, *, d_model: int, num_layers: int, num_heads: int,
                 max_length: int, t5_dir: str = "") -> str:
   """A random T5 of the given size (or the T5 in `t5_dir`) and a cache of every shapes
-  caption; -> cache dir."""
+  caption; -> cache dir. Runs started side by side share --work: one builds while the
+  others wait on a lock (without it a second run read a half-written cache)."""
+  os.makedirs(work, exist_ok=True)
+  with open(os.path.join(work, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return _build_text(work, d_model, num_layers, num_heads, max_length, t5_dir)
+
+
+def _build_text(work, d_model, num_layers, num_heads, max_length, t5_dir) -> str:
   from imagen_jax.text.encode import TextEncoder
   if not t5_dir:
     t5_dir = os.path.join(work, f"t5_d{d_model}_l{num_layers}_h{num_heads}")

@@ -65,7 +65,7 @@ def ensure_text(work: str, *, d_model: int, num_layers: int, num_heads: int,
                 max_length: int, t5_dir: str = "") -> str:
   """A random T5 of the given size (or the T5 in `t5_dir`) and a cache of every shapes
   caption; -> cache dir. Runs started side by side share --work: one builds while the
-  others wait on a lock (without it a second run read a half-written cache)."""
+  others wait on a lock, so that none reads a half-written cache."""
   os.makedirs(work, exist_ok=True)
   with open(os.path.join(work, ".lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

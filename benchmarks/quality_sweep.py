@@ -251,7 +251,12 @@ def main(argv=None):
   p.add_argument("--n_eval", type=int, default=80)
   p.add_argument("--eval_batch", type=int, default=100)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--eval_raw", action="store_true",
+                 help="also sample with the trained weights themselves, not only the EMA")
   p.add_argument("--no_eval", action="store_true", help="throughput only")
+  p.add_argument("--train_shift", type=float, default=0.0,
+                 help="add this to the log-SNR of every training noise level (a shifted "
+                 "cosine schedule, Hoogeboom et al. 2023; the samplers' grid is unchanged)")
   p.add_argument("--train_log_snr", type=float, default=None,
                  help="train at this one noise level only (a probe; no caption dropout)")
   p.add_argument("--oracle_roles", type=float, default=0.0,
@@ -297,6 +302,7 @@ def main(argv=None):
     keys = step_lib.example_keys(rng, jnp.arange(args.batch))
     x0, log_snr, noise, cond = step_lib.noise_and_conditioning(
         batch, keys, loss_cfg, fixed_log_snr=args.train_log_snr)
+    log_snr = log_snr + args.train_shift
 
     def loss_fn(params):
       m = nnx.merge(graphdef, params, rest)
@@ -346,7 +352,7 @@ def main(argv=None):
       rate = f" {(step - 2) / train_time:.2f} steps/s" if train_time else ""
       print(f"[{args.name}] step {step} loss {float(loss):.4f}{rate}", flush=True)
     if step + 1 in eval_steps and not args.no_eval:
-      for which, weights in (("ema", ema),):
+      for which, weights in (("ema", ema),) + ((("raw", params),) if args.eval_raw else ()):
         for cfg in samplers:
           key = tuple(sorted(cfg.items()))
           if key not in runners:
@@ -371,7 +377,7 @@ def main(argv=None):
           results.flush()
           tr = res["train"]
           ho = res.get("held_out", {})
-          print(f"[{args.name}] step {step + 1} {cfg['method']}:{cfg['num_steps']}:"
+          print(f"[{args.name}] step {step + 1} {which} {cfg['method']}:{cfg['num_steps']}:"
                 f"{cfg['thresholding']}:{cfg['guidance_scale']} train colour "
                 f"{tr['color']:.2f} rel {tr['relation']:.2f} shape {tr['shape']:.2f} "
                 f"overall {tr['overall']:.2f} {tr['relation_outcomes']} | "

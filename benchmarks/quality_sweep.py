@@ -13,7 +13,7 @@ imagen-eval); its settings come from what this script measured (docs/quickstart.
     .venv/bin/python benchmarks/quality_sweep.py --name=base --steps=3000 \
         --eval_at=1000,2000,3000 --samplers=dpmpp_2m:25:static:3,ddpm:250:static:3 \
         --out=runs/sweep
-    # one JSON line per (eval step, sampler) appended to runs/sweep/results.jsonl
+    # one JSON line per (eval step, weights, sampler) appended to runs/sweep/results.jsonl
 
 Does the model know the layout from the caption alone? `--order_probe=-10,-4` ends the run
 with `order_probe` (x0-hat at those noise levels vs the caption's mean image and its

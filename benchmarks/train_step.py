@@ -4,8 +4,8 @@
       [--warmup=5] [--text_length=16] [--gin.BATCH_SIZE=32] [--gin.train.num_devices=1]
 
 It runs `imagen_jax.train.loop.train` (the real jitted step, shardings and donation) on
-synthetic batches of the config's shapes (random images, random text embeddings), so the
-figure is the step's speed without the input pipeline. MODEL_DIR is a temporary directory
+synthetic batches of the config's shapes (random images, or crops of `train.crop_size`;
+random text embeddings), so the figure is the step's speed without the input pipeline. MODEL_DIR is a temporary directory
 and no checkpoint is written until the end. MFU uses `train.peak_flops_per_device` when set,
 else a measured matmul peak (on a shared CPU the measured peak, and so MFU, is rough).
 """
@@ -39,6 +39,14 @@ class SyntheticPipeline:
     return out
 
 
+def _bound_or_none(name: str):
+  import gin
+  try:
+    return gin.query_parameter(name)
+  except ValueError:
+    return None
+
+
 def main(argv=None) -> int:
   from imagen_jax.cli import gin_utils
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,8 +75,13 @@ def main(argv=None) -> int:
     batch_size = int(gin.query_parameter("BATCH_SIZE/macro.value"))
     from imagen_jax.nn import abstract_model
     model = abstract_model()
-    pipeline = SyntheticPipeline(batch_size, int(model.image_size),
-                                 getattr(model, "lowres_size", None), args.text_length,
+    # An SR stage trained on crops (train.crop_size) gets crops of its shape, as the real
+    # pipeline feeds it: the image and the matching crop of the low-resolution input.
+    size, lowres = int(model.image_size), getattr(model, "lowres_size", None)
+    crop = _bound_or_none("train.crop_size")
+    if crop:
+      size, lowres = crop, lowres and int(lowres) * crop // size
+    pipeline = SyntheticPipeline(batch_size, size, lowres, args.text_length,
                                  int(model.text_dim))
     out = loop.train(pipeline=pipeline)
   timed = out["history"][-1]

@@ -5,9 +5,10 @@
 
 It runs `imagen_jax.train.loop.train` (the real jitted step, shardings and donation) on
 synthetic batches of the config's shapes (random images, or crops of `train.crop_size`;
-random text embeddings), so the figure is the step's speed without the input pipeline. MODEL_DIR is a temporary directory
-and no checkpoint is written until the end. MFU uses `train.peak_flops_per_device` when set,
-else a measured matmul peak (on a shared CPU the measured peak, and so MFU, is rough).
+random text embeddings), so the figure is the step's speed without the input pipeline.
+MODEL_DIR is a temporary directory and no checkpoint is written until the end. MFU uses
+`train.peak_flops_per_device` when set, else a measured matmul peak (on a shared CPU the
+measured peak, and so MFU, is rough).
 """
 
 from __future__ import annotations
@@ -39,14 +40,6 @@ class SyntheticPipeline:
     return out
 
 
-def _bound_or_none(name: str):
-  import gin
-  try:
-    return gin.query_parameter(name)
-  except ValueError:
-    return None
-
-
 def main(argv=None) -> int:
   from imagen_jax.cli import gin_utils
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,6 +53,7 @@ def main(argv=None) -> int:
   import jax
   import imagen_jax.nn  # noqa: F401
   from imagen_jax.train import loop
+  from imagen_jax import config
   gin_utils.apply_gin_args(args, finalize=False)
   with tempfile.TemporaryDirectory() as tmp:
     with gin.unlock_config():
@@ -78,7 +72,7 @@ def main(argv=None) -> int:
     # An SR stage trained on crops (train.crop_size) gets crops of its shape, as the real
     # pipeline feeds it: the image and the matching crop of the low-resolution input.
     size, lowres = int(model.image_size), getattr(model, "lowres_size", None)
-    crop = _bound_or_none("train.crop_size")
+    crop = config.binding("train.crop_size")
     if crop:
       size, lowres = crop, lowres and int(lowres) * crop // size
     pipeline = SyntheticPipeline(batch_size, size, lowres, args.text_length,

@@ -227,6 +227,8 @@ def main(argv=None):
   p.add_argument("--b2", type=float, default=0.999, help="Adam's second-moment decay")
   p.add_argument("--clip_norm", type=float, default=1.0)
   p.add_argument("--decay_steps", type=int, default=0, help="cosine decay after warm-up")
+  p.add_argument("--end_lr_fraction", type=float, default=0.0,
+                 help="the decay ends at --lr times this (lr_schedule.end_lr_fraction)")
   p.add_argument("--ema", type=float, default=0.999)
   p.add_argument("--objective", default="eps")
   p.add_argument("--weighting", default="none")
@@ -287,7 +289,8 @@ def main(argv=None):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   n_params = nn.param_count(params)
   sched = lambda s: optim.lr_schedule(s, peak_lr=args.lr, warmup_steps=args.warmup,
-                                      decay_steps=args.decay_steps or None)
+                                      decay_steps=args.decay_steps or None,
+                                      end_lr_fraction=args.end_lr_fraction)
   tx, _ = optim.make_optimizer("adam", learning_rate=sched, clip_norm=args.clip_norm,
                                b2=args.b2)
   opt_state = tx.init(params)

@@ -225,8 +225,9 @@ def restore_params(model_dir, target_params, *, step: int | None = None,
     raise UserError(f"no checkpoints under {os.fspath(model_dir)}; point at a MODEL_DIR "
                     "written by imagen-train")
   item = "ema_params" if use_ema else "params"
-  with ocp.CheckpointManager(directory, item_names=_ITEMS,
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+  # The options read_only implies, set here so that orbax does not warn it overrides them.
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  with ocp.CheckpointManager(directory, item_names=_ITEMS, options=options) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise UserError(f"no complete checkpoint under {os.fspath(directory)}")

@@ -128,6 +128,25 @@ def test_start_index_runs_the_tail_of_the_grid(method):
       diffusion.sample(model, x, grid, method=method))
 
 
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp_2m"])
+def test_sampling_begins_at_the_earliest_start(method):
+  """Steps before every example's start are not run: a super-resolution stage or an SDEdit
+  that starts late on the grid pays only for the steps it takes."""
+  calls = []
+  def model(x, log_snr):
+    jax.debug.callback(lambda: calls.append(1))
+    return 0.3 * x
+  grid = jnp.append(diffusion.log_snr_grid(diffusion.cosine_log_snr, 12)[:-1], jnp.inf)
+  x = jax.random.normal(jax.random.key(3), (2, 2))
+  rng = jax.random.key(0) if method == "ddpm" else None
+  out = diffusion.sample(model, x, grid, method=method, rng=rng, start_index=jnp.array([9, 7]))
+  jax.block_until_ready(out)
+  assert len(calls) == 12 - 7
+  calls.clear()
+  jax.block_until_ready(diffusion.sample(model, x, grid, method=method, rng=rng))
+  assert len(calls) == 12
+
+
 def test_repaint_resampling_keeps_the_gaussian_marginal():
   """RePaint's re-noising is the exact forward q(x_t | x_s), so with the exact denoiser of
   Gaussian data the samples keep the data's moments up to ddpm's discretisation (which

@@ -88,6 +88,7 @@ def test_object_labels_come_from_the_caption():
   np.testing.assert_array_equal(batch["label"], pipe.host_batch(3)["label"])
 
 
+@pytest.mark.slow
 def test_classifier_training_loss_decreases(tmp_path):
   from imagen_jax.train import loop, step as step_lib
   gin.bind_parameter("lr_schedule.peak_lr", 5e-3)
@@ -183,6 +184,7 @@ def test_soft_contrastive_loss_matches_its_definition():
   assert float(acc) == pytest.approx(np.mean(same[np.arange(5), logits.argmax(1)]))
 
 
+@pytest.mark.slow
 def test_noised_clip_phases_freeze_the_text_tower_and_guide(tmp_path):
   from imagen_jax.nn import clip as clip_lib
   from imagen_jax.sample import cascade as cascade_lib

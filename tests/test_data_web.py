@@ -435,6 +435,7 @@ def caption_cache(tmp_path_factory, shards):
   return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["webdataset", "records"])
 def test_train_runs_on_the_shards(which, shards, converted, caption_cache, tmp_path, capsys):
   from imagen_jax.cli import train as train_cli

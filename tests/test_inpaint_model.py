@@ -225,6 +225,7 @@ def inpaint_cascade(tmp_path_factory):
   return c, PROMPTS
 
 
+@pytest.mark.slow
 def test_inpainting_models_keep_the_known_region_at_every_stage(inpaint_cascade):
   cascade, prompts = inpaint_cascade
   assert [s.info.inpaint_channels for s in cascade.stages] == [4, 4]

@@ -156,6 +156,7 @@ def test_base_padding_does_not_change_the_output(base, base_reference):
   np.testing.assert_allclose(long, np.asarray(out), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_and_rematerialised_matches_one_device(base, base_reference, devices):
   """Params over fsdp 4 x tensor 2, batch over fsdp, blocks rematerialised (remat=True):
   the same output and grads as the plain model on one device. (One compiled program

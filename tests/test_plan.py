@@ -40,6 +40,7 @@ def tiny_plans():
   return plans
 
 
+@pytest.mark.slow
 def test_base_2b_params_within_10_percent_without_allocating():
   plan = _plan(["models/imagen_base64_2b.gin"], "data:1", compile_step=False)
   assert abs(plan["params"] - 2e9) / 2e9 < 0.10, plan["params"]
@@ -52,6 +53,7 @@ def test_base_2b_params_within_10_percent_without_allocating():
   assert plan["remat"] and plan["train_flops_per_example"] > plan["model_flops_per_example"]
 
 
+@pytest.mark.slow
 def test_fsdp_and_tensor_shard_the_state(tiny_plans):
   one, eight = tiny_plans["data:1"], tiny_plans["fsdp:4,tensor:2"]
   assert one["params"] == eight["params"]

@@ -22,6 +22,7 @@ def _encoder(vocabulary):
   return t5.random_encoder(config, seed=0, position_bias_std=text_assets.DEFAULT_POSITION_BIAS_STD)
 
 
+@pytest.mark.slow
 def test_pretraining_learns_the_layout_order(vocabulary):
   encoder = _encoder(vocabulary)
   before = np.asarray(encoder.embedding[...]).copy()

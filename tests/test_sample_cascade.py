@@ -569,6 +569,7 @@ NoisyClassifier.num_groups = 4
 """
 
 
+@pytest.mark.slow
 def test_classifier_guidance_in_the_cascade_and_cli(env, cascade, tmp_path, capsys):
   """Stage.classifier_scale / classifier_dir (issue 16): the base stage is steered by a
   classifier (random weights), batched on 8 devices or 1 with the same bytes; a prompt

@@ -12,9 +12,8 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 # Two pytest-xdist workers when there are two cores or more, each taking whole files (a
-# module's fixtures are built once) with the slow files first (tests/conftest.py): in one
-# process the suite kept 1.3 of 2 cores busy (README, "Tests"). `-n 0` runs one process.
+# module's fixtures are built once): in one process the suite kept 1.3 of 2 cores busy
+# (README, "Tests"). `-n 0` runs one process.
 workers=0
 [ "$(nproc)" -lt 2 ] || workers=2
-exec .venv/bin/python -m pytest -q -ra --durations=15 -n "$workers" --dist loadfile \
-  --no-loadscope-reorder "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=15 -n "$workers" --dist loadfile "$@"

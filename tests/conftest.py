@@ -31,13 +31,6 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: takes more than ~30 s on a 2-core CPU")
 
 
-def pytest_collection_modifyitems(config, items):
-  """Files with a slow test run first. launch/test.sh gives each pytest-xdist worker whole
-  files; a long file that started last would leave one worker running it alone at the end."""
-  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.path not in slow_files)  # stable: order kept otherwise
-
-
 @pytest.fixture(scope="session")
 def devices():
   """All simulated devices; tests that need a given count slice this."""

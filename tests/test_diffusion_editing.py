@@ -139,11 +139,13 @@ def test_sampling_begins_at_the_earliest_start(method):
   grid = jnp.append(diffusion.log_snr_grid(diffusion.cosine_log_snr, 12)[:-1], jnp.inf)
   x = jax.random.normal(jax.random.key(3), (2, 2))
   rng = jax.random.key(0) if method == "ddpm" else None
-  out = diffusion.sample(model, x, grid, method=method, rng=rng, start_index=jnp.array([9, 7]))
-  jax.block_until_ready(out)
+  jax.block_until_ready(diffusion.sample(model, x, grid, method=method, rng=rng,
+                                         start_index=jnp.array([9, 7])))
+  jax.effects_barrier()  # every callback has run
   assert len(calls) == 12 - 7
   calls.clear()
   jax.block_until_ready(diffusion.sample(model, x, grid, method=method, rng=rng))
+  jax.effects_barrier()
   assert len(calls) == 12
 
 

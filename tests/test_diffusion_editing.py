@@ -147,6 +147,9 @@ def test_sampling_begins_at_the_earliest_start(method):
   jax.block_until_ready(diffusion.sample(model, x, grid, method=method, rng=rng))
   jax.effects_barrier()
   assert len(calls) == 12
+  empty = diffusion.sample(model, x[:0], grid, method=method, rng=rng,
+                           start_index=jnp.zeros(0, int))
+  assert empty.shape == (0, 2)
 
 
 def test_repaint_resampling_keeps_the_gaussian_marginal():

@@ -42,11 +42,11 @@ def _posterior_terms(lam_t, lam_s):
   return alpha_s, sigma_s, sigma_t, jnp.exp(lam_t - lam_s), -jnp.expm1(lam_t - lam_s)
 
 
-def _first_step(start):
+def _first_step(start, num_steps: int):
   """The loop's first index: 0, or the earliest start, since the steps before it change no
   example (an SDEdit or a super-resolution stage that starts at t = 0.3 of a 25-step grid
-  runs 7 model calls, not 25)."""
-  return 0 if start is None else jnp.min(start)
+  runs 7 model calls, not 25). An empty batch runs no step."""
+  return 0 if start is None else jnp.min(start, initial=num_steps)
 
 
 def _active(i, start, x):
@@ -93,7 +93,7 @@ def ddpm(denoise: Denoiser, x, log_snrs, noise: NoiseFn, start=None, resample_st
         return one_step(i, x_t, noise(extra + 1))
       x_s = jax.lax.fori_loop(0, resample_steps - 1, again, x_s)
     return jnp.where(_active(i, start, x), x_s, x)
-  return jax.lax.fori_loop(_first_step(start), n, step, x)
+  return jax.lax.fori_loop(_first_step(start, n), n, step, x)
 
 
 def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0, start=None):
@@ -116,7 +116,8 @@ def ddim(denoise: Denoiser, x, log_snrs, noise: Optional[NoiseFn], eta=0.0, star
     if noise is not None:
       x_next = x_next + eta * sigma_s * jnp.sqrt(c) * noise(i)
     return jnp.where(_active(i, start, x), jnp.where(jnp.isinf(lam_s), x0, x_next), x)
-  return jax.lax.fori_loop(_first_step(start), log_snrs.shape[0] - 1, step, x)
+  n = log_snrs.shape[0] - 1
+  return jax.lax.fori_loop(_first_step(start, n), n, step, x)
 
 
 def dpmpp_2m(denoise: Denoiser, x, log_snrs, start=None):
@@ -143,8 +144,8 @@ def dpmpp_2m(denoise: Denoiser, x, log_snrs, start=None):
     active = _active(i, start, x)
     return (jnp.where(active, jnp.where(jnp.isinf(lam_s), x0, x_next), x),
             jnp.where(active, x0, x0_prev))
-  x, _ = jax.lax.fori_loop(_first_step(start), log_snrs.shape[0] - 1, step,
-                           (x, jnp.zeros_like(x)))
+  n = log_snrs.shape[0] - 1
+  x, _ = jax.lax.fori_loop(_first_step(start, n), n, step, (x, jnp.zeros_like(x)))
   return x
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quickstart: a small Imagen cascade trained and sampled end to end on a CPU, on the
-# built-in shapes data, in about 20 minutes on 2 cores.
+# built-in shapes data, within a 20-minute budget (one slow core included; --minutes).
 #
 #   ./launch/quickstart.sh [--smoke] [--t5=PATH] [OUT_DIR]       (OUT_DIR: runs/quickstart)
 #   T5_PATH=ckpt/t5-v1_1-small ./launch/quickstart.sh            (same as --t5=PATH)
@@ -20,6 +20,10 @@
 #   6. imagen-eval shapesbench: scores every image; prints one table per stage.
 #
 # --smoke: every phase with tiny models, a few steps and a few prompts (CI; ~2 minutes).
+# --minutes=N: the run's time budget (default 20). Each training stage's time guard
+#   (train.max_minutes) is the time left before the budget ends, less what the phases
+#   after it need, so a slow machine trains as long as the budget allows and the run
+#   still ends within it; a fast one finishes the planned steps first.
 # --grounding_steps=N: steps of grounding for the small T5 (default 1000, 5 with --smoke;
 #   0 keeps its fixed random weights, the setup before grounding; docs/quickstart.md).
 # --t5=PATH (or T5_PATH=PATH): a Hugging Face T5 directory (config.json, model.safetensors,
@@ -34,7 +38,7 @@ ROOT="$PWD"
 
 me="quickstart.sh"
 usage() {
-  echo "usage: $me [--smoke] [--t5=PATH | --grounding_steps=N] [OUT_DIR]   (default OUT_DIR: runs/quickstart)" >&2
+  echo "usage: $me [--smoke] [--minutes=N] [--t5=PATH | --grounding_steps=N] [OUT_DIR]   (default OUT_DIR: runs/quickstart)" >&2
   exit 2
 }
 die() { echo "$me: $*" >&2; exit 2; }
@@ -42,12 +46,14 @@ die() { echo "$me: $*" >&2; exit 2; }
 smoke=0
 t5="${T5_PATH:-}"
 grounding_steps=""
+minutes=20
 out=""
 for arg in "$@"; do
   case "$arg" in
     --smoke) smoke=1 ;;
     --t5=*) t5="${arg#--t5=}" ;;
     --grounding_steps=*) grounding_steps="${arg#--grounding_steps=}" ;;
+    --minutes=*) minutes="${arg#--minutes=}" ;;
     -h|--help) usage ;;
     -*) echo "$me: unknown option $arg" >&2; usage ;;
     *) [ -z "$out" ] || usage; out="$arg" ;;
@@ -63,11 +69,26 @@ elif [ "$smoke" = 1 ]; then
 else
   grounding_steps=1000
 fi
+[[ "$minutes" =~ ^[0-9]+$ ]] && [ "$minutes" -ge 10 ] || die "--minutes=$minutes must be a" \
+    "whole number of minutes, at least 10 (the default 20 fits one slow core)"
 out="${out:-runs/quickstart}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
 start=$(date +%s)
+# What the phases after a training stage take at most on one slow core (seconds): sampling
+# and scoring 89-139 s (README), and the SR stage 4 minutes and its start-up: it needs
+# about 150 steps to keep its input's colours and shapes (docs/quickstart.md, item 16),
+# and one slow core took the 4 minutes for them.
+after_sr=150
+after_base=$((after_sr + 255))
+# A training stage's time guard in minutes: the time left before the deadline less
+# `$1` seconds for the phases after it, and never under one minute.
+guard_minutes() {
+  local left=$((deadline - $(date +%s) - $1))
+  [ "$left" -ge 60 ] || left=60
+  awk -v s="$left" 'BEGIN { printf "%.1f", s / 60 }'
+}
 phase_name="start-up"
 phase_start=$start
 declare -a summary=()
@@ -109,6 +130,7 @@ report_steps() {
 phase "0. environment (.venv)"
 source launch/venv.sh
 bin="$ROOT/.venv/bin"
+deadline=$(($(date +%s) + 60 * minutes))  # the budget leaves out the first run's install
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 # Compiled programs are kept, so a second run skips most compilation.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$ROOT/.cache/jax}"
@@ -189,14 +211,20 @@ fi
 
 # ---- 3. base model
 phase "3. base model 16x16 (imagen-train)"
+guard="$(guard_minutes "$after_base")"
+echo "time guard: $guard min (what is left of the $minutes-minute budget, less ${after_base}s for the SR stage, sampling and scoring)"
 "$bin/imagen-train" --gin_file=experiments/quickstart_base.gin \
   --gin.MODEL_DIR="'$out/base'" --gin.CACHE_DIR="'$cache'" --gin.TEXT_DIM="$text_dim" \
+  --gin.train.max_minutes="$guard" \
   ${base_args[@]+"${base_args[@]}"}
 
 # ---- 4. super-resolution model
 phase "4. SR model 16->64 (imagen-train)"
+guard="$(guard_minutes "$after_sr")"
+echo "time guard: $guard min (what is left of the $minutes-minute budget, less ${after_sr}s for sampling and scoring)"
 "$bin/imagen-train" --gin_file=experiments/quickstart_sr.gin \
   --gin.MODEL_DIR="'$out/sr'" --gin.CACHE_DIR="'$cache'" --gin.TEXT_DIM="$text_dim" \
+  --gin.train.max_minutes="$guard" \
   ${sr_args[@]+"${sr_args[@]}"}
 
 # ---- 5. sampling

@@ -4,6 +4,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 
 import numpy as np
@@ -126,6 +127,9 @@ def test_quickstart_bad_arguments(tmp_path):
   assert result.returncode == 2 and "--grounding_steps=-3 must be a whole number" in result.stderr
   result = _quickstart("--grounding_steps=5", f"--t5={tmp_path}", str(tmp_path / "out"))
   assert result.returncode == 2 and "drop one of the two" in result.stderr
+  for minutes in ("5", "ten"):
+    result = _quickstart(f"--minutes={minutes}", str(tmp_path / "out"))
+    assert result.returncode == 2 and f"--minutes={minutes} must be a whole number" in result.stderr
 
 
 @pytest.mark.slow
@@ -142,6 +146,13 @@ def test_quickstart_smoke_runs_every_phase(tmp_path):
   devices = max(d for d in (1, 2, 4, 8) if d <= cores)  # one per core, a power of two
   assert f"XLA_FLAGS: --xla_force_host_platform_device_count={devices}\n" in result.stdout
   assert "ShapesBench, stage 1 (64px)" in result.stdout
+  # Each training stage's time guard is what is left of the 20-minute budget less what the
+  # later phases need (405 s after the base, 150 s after SR), and reaches imagen-train.
+  guards = [float(g) for g in re.findall(r"^time guard: ([0-9.]+) min", result.stdout, re.M)]
+  assert len(guards) == 2, result.stdout
+  assert 1 <= guards[0] <= 20 - 405 / 60 and 1 <= guards[1] <= 20 - 150 / 60, guards
+  for stage, guard in zip(("base", "sr"), guards):
+    assert f"train.max_minutes = {guard}\n" in (out / stage / "config.gin").read_text(), stage
   samples = out / "samples"
   rows = [json.loads(l) for l in (samples / "index.jsonl").read_text().splitlines()]
   prompts = (out / "smoke_prompts.txt").read_text().splitlines()

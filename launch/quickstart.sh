@@ -77,9 +77,9 @@ out="$(cd "$out" && pwd)"
 
 start=$(date +%s)
 # What the phases after a training stage take at most on one slow core (seconds): sampling
-# and scoring 89-139 s (README), and the SR stage 4 minutes and its start-up: it needs
-# about 150 steps to keep its input's colours and shapes (docs/quickstart.md, item 16),
-# and one slow core took the 4 minutes for them.
+# and scoring 84-94 s, and the SR stage 4 minutes and its start-up: it needs about 150
+# steps to keep its input's colours and shapes, and one slow core took the 4 minutes for
+# them (docs/quickstart.md, item 16).
 after_sr=150
 after_base=$((after_sr + 255))
 # A training stage's time guard in minutes: the time left before the deadline less

@@ -76,12 +76,12 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
 start=$(date +%s)
-# What the phases after a training stage take at most on one slow core (seconds): sampling
-# and scoring 84-94 s, and the SR stage 4 minutes and its start-up: it needs about 150
-# steps to keep its input's colours and shapes, and one slow core took the 4 minutes for
-# them (docs/quickstart.md, item 16).
-after_sr=150
-after_base=$((after_sr + 255))
+# What the phases after a training stage need on one slow core (seconds): sampling and
+# scoring took 84-94 s; the SR stage keeps its input's colours and shapes from about 100
+# steps, which one slow core reaches in 200 s with its start-up (docs/quickstart.md,
+# items 16 and 17). The rest of the budget goes to the base stage, where shape is learned.
+after_sr=120
+after_base=$((after_sr + 200))
 # A training stage's time guard in minutes: the time left before the deadline less
 # `$1` seconds for the phases after it, and never under one minute.
 guard_minutes() {

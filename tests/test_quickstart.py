@@ -147,10 +147,10 @@ def test_quickstart_smoke_runs_every_phase(tmp_path):
   assert f"XLA_FLAGS: --xla_force_host_platform_device_count={devices}\n" in result.stdout
   assert "ShapesBench, stage 1 (64px)" in result.stdout
   # Each training stage's time guard is what is left of the 20-minute budget less what the
-  # later phases need (405 s after the base, 150 s after SR), and reaches imagen-train.
+  # later phases need (320 s after the base, 120 s after SR), and reaches imagen-train.
   guards = [float(g) for g in re.findall(r"^time guard: ([0-9.]+) min", result.stdout, re.M)]
   assert len(guards) == 2, result.stdout
-  assert 1 <= guards[0] <= 20 - 405 / 60 and 1 <= guards[1] <= 20 - 150 / 60, guards
+  assert 1 <= guards[0] <= 20 - 320 / 60 and 1 <= guards[1] <= 20 - 120 / 60, guards
   for stage, guard in zip(("base", "sr"), guards):
     assert f"train.max_minutes = {guard}\n" in (out / stage / "config.gin").read_text(), stage
   samples = out / "samples"

@@ -77,9 +77,10 @@ out="$(cd "$out" && pwd)"
 
 start=$(date +%s)
 # What the phases after a training stage need on one slow core (seconds): sampling and
-# scoring took 84-94 s; the SR stage keeps its input's colours and shapes from about 100
-# steps, which one slow core reaches in 200 s with its start-up (docs/quickstart.md,
-# items 16 and 17). The rest of the budget goes to the base stage, where shape is learned.
+# scoring took 84-94 s; the SR stage, sampled from t = 0.2, keeps its input's colours and
+# shapes from about 80 steps, and a half-speed core reached 120-150 in 200 s with its
+# start-up (docs/quickstart.md, items 16 and 17). The rest goes to the base stage, where
+# shape is learned.
 after_sr=120
 after_base=$((after_sr + 200))
 # A training stage's time guard in minutes: the time left before the deadline less

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,6 +19,7 @@ import tarfile
 import numpy as np
 import pytest
 import skimage
+from etils import epath
 from PIL import Image
 
 import test_train_lib as lib
@@ -204,13 +206,13 @@ def test_webdataset_index_goes_to_the_cache_when_the_folder_is_read_only(
   copy.mkdir()
   (copy / "00000.tar").write_bytes(shards.paths[0].read_bytes())
   monkeypatch.setenv(sources.CACHE_ENV, os.fspath(tmp_path / "cache"))
-  write = webdataset._write_json_atomic
+  write = webdataset.write_atomic
 
-  def refuse_next_to_shard(path, value):
+  def refuse_next_to_shard(path, data):
     if path.parent == copy:
       raise PermissionError(f"read-only: {path}")
-    write(path, value)
-  monkeypatch.setattr(webdataset, "_write_json_atomic", refuse_next_to_shard)
+    write(path, data)
+  monkeypatch.setattr(webdataset, "write_atomic", refuse_next_to_shard)
   src = webdataset.WebDatasetSource(os.fspath(copy / "00000.tar"))
   cached = list((tmp_path / "cache" / "tar_index").iterdir())
   assert len(cached) == 1 and cached[0].name.endswith("-00000.tar.idx.json")
@@ -219,7 +221,8 @@ def test_webdataset_index_goes_to_the_cache_when_the_folder_is_read_only(
   assert len(webdataset.WebDatasetSource(os.fspath(copy / "00000.tar"))) == len(src)
 
 
-def test_stale_tar_index_is_rebuilt(shards, tmp_path):
+def test_stale_tar_index_is_rebuilt(shards, tmp_path, monkeypatch):
+  monkeypatch.setenv(sources.CACHE_ENV, os.fspath(tmp_path / "cache"))
   path = tmp_path / "00000.tar"
   path.write_bytes(shards.paths[1].read_bytes())
   before = len(webdataset.WebDatasetSource(os.fspath(path)))
@@ -228,6 +231,10 @@ def test_stale_tar_index_is_rebuilt(shards, tmp_path):
     _add(tar, "extra.txt", b"one more photo")
   src = webdataset.WebDatasetSource(os.fspath(path))
   assert len(src) == before + 1 and src.key(len(src) - 1) == "extra"
+  # The new index replaced the stale sidecar (not a write to the cache instead).
+  sidecar = webdataset.index_paths(epath.Path(path))[0]
+  assert webdataset._read_index(sidecar, webdataset.fingerprint(epath.Path(path)))
+  assert not (tmp_path / "cache").exists() and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_parquet_source(parquet_file, shards):
@@ -381,6 +388,19 @@ def test_two_process_convert_equals_one_process(converted, shards, tmp_path):
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["skipped"] == json.loads((converted[0] / "manifest.json").read_text())[
       "skipped"]
+
+
+def test_manifest_written_twice_is_replaced(converted, tmp_path):
+  # Every process that finishes the last shards merges the manifest, and two can do so at
+  # once: the second write replaces the first instead of failing.
+  out = tmp_path / "again"
+  shutil.copytree(converted[0], out)
+  before = json.loads((out / "manifest.json").read_text())
+  for _ in range(2):
+    assert convert_lib.merge_manifest(epath.Path(out), before["shards"],
+                                      before["options"]) == before
+  assert json.loads((out / "manifest.json").read_text()) == before
+  assert not list(out.glob(".*tmp*"))
 
 
 def test_bad_input_gives_one_line_and_exit_2(shards, tmp_path):

@@ -37,6 +37,7 @@ from PIL import Image
 from imagen_jax.data import preprocess
 from imagen_jax.data import sources as sources_lib
 from imagen_jax.errors import UserError
+from imagen_jax.files import write_atomic
 
 SKIP_REASONS = ("no_image", "no_caption", "caption_too_short", "caption_too_long",
                 "undecodable", "too_small", "aspect_ratio", "duplicate")
@@ -188,9 +189,9 @@ def _sidecar(path: epath.Path) -> epath.Path:
 
 
 def _write_json(path: epath.Path, value: Any) -> None:
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-  tmp.rename(path)
+  # Replaces an existing file: every process that finishes the last shards writes the same
+  # manifest, and two can do so at once.
+  write_atomic(path, json.dumps(value, indent=1, sort_keys=True))
 
 
 def finished_shard(path: epath.Path, options: dict) -> dict | None:
@@ -216,7 +217,7 @@ def convert_shard(file_spec: str, bounds, path: epath.Path, filters: Filters,
   for reason, count in indexing_skips.items():
     skipped[reason] += count
   kept = []
-  for stale in path.parent.glob(f".{path.name}*.tmp-*"):  # left by a killed run
+  for stale in path.parent.glob(f".{path.name}*.tmp*"):  # shard or sidecar of a killed run
     stale.unlink()
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   writer = sources_lib.RecordWriter(tmp, "array_record")

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import tarfile
-import uuid
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ from etils import epath
 
 from imagen_jax.data import sources
 from imagen_jax.errors import UserError
+from imagen_jax.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,6 @@ def build_index(shard: epath.Path) -> dict[str, Any]:
   return index
 
 
-def _write_json_atomic(path: epath.Path, value: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_text(json.dumps(value))
-  tmp.rename(path)
-
-
 def _read_index(path: epath.Path, shard: dict) -> dict | None:
   try:
     index = json.loads(path.read_text())
@@ -130,7 +123,7 @@ def load_index(shard: epath.Path) -> dict[str, Any]:
   index = build_index(shard)
   for path in candidates:
     try:
-      _write_json_atomic(path, index)
+      write_atomic(path, json.dumps(index))  # replaces a stale index
       return index
     except OSError as e:  # a read-only folder or bucket: try the cache
       log.info("cannot write tar index %s (%s)", os.fspath(path), e)

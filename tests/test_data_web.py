@@ -26,6 +26,7 @@ import test_train_lib as lib
 from imagen_jax.cli import data as data_cli
 from imagen_jax.data import convert as convert_lib
 from imagen_jax.data import pipeline as pipeline_lib
+from imagen_jax.data import seqio_source
 from imagen_jax.data import sources
 from imagen_jax.data import webdataset
 from imagen_jax.errors import UserError
@@ -300,6 +301,19 @@ def test_seqio_source(tmp_path, monkeypatch):
   assert len(src) == 3 and list(src.captions()) == [f"seqio photo {k}" for k in range(3)]
   for k in range(3):
     np.testing.assert_array_equal(src[k]["image"], images[k])
+  # Two hosts sharing the cache write the folder at once: the one that renames second
+  # reads the other's folder, and neither leaves a temporary folder behind.
+  folder = seqio_source.materialized_dir(name, "train", "pixels", "text")
+  shutil.rmtree(folder)
+  real_write = sources.write_records
+  def write_while_another_host_finishes(path, examples):
+    real_write(path, examples)
+    shutil.copytree(epath.Path(path).parent, folder)
+  monkeypatch.setattr(sources, "write_records", write_while_another_host_finishes)
+  src = sources.get_source(spec)
+  assert list(src.captions()) == [f"seqio photo {k}" for k in range(3)]
+  assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+  monkeypatch.setattr(sources, "write_records", real_write)
   seqio.TaskRegistry.remove(name)  # written once: later opens need no Task
   assert len(sources.get_source(spec)) == 3
   with pytest.raises(UserError, match="no seqio Task"):

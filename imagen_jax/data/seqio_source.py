@@ -7,7 +7,9 @@ pass over `task.get_dataset(split, shuffle=False)` (its preprocessors included) 
 `~/.cache/imagen_jax/seqio/`), in a folder named by the Task, split and keys; later opens
 read that folder as a `records:` source, so example i is a pure function of i like every
 other source. The folder is written under a temporary name and renamed when complete, so
-an interrupted pass leaves nothing half-written. Delete the folder after changing the
+an interrupted pass leaves nothing half-written. Hosts that share the cache folder may
+write it at once: the first rename wins and the others read its folder (a pass is
+deterministic, so theirs were the same examples). Delete the folder after changing the
 Task's data to write it again.
 
 Features: `image` (default key `image`) is an encoded image (bytes) or uint8 pixels
@@ -106,7 +108,12 @@ def seqio_source(body: str) -> sources.RecordsSource:
       if not count:
         raise UserError(f"seqio Task {options['task']!r} split {options['split']!r} "
                         "yields no example with an image and a caption")
-      tmp.rename(folder)
+      try:
+        tmp.rename(folder)
+      except OSError:
+        if not folder.exists():
+          raise
+        # Another process renamed its complete folder first; its examples are the same.
     finally:
       if tmp.exists():
         shutil.rmtree(os.fspath(tmp), ignore_errors=True)

@@ -243,7 +243,7 @@ def model_rest_state(create_fn):
   """The model's non-parameter state (RNG streams) without materialising the parameters
   (jit drops the unused parameter initialisers)."""
   with state_lib.no_eager_sharding():
-    return jax.jit(lambda: state_lib.split_model(create_fn())[2])()
+    return nn.jit_init(lambda: state_lib.split_model(create_fn())[2])()
 
 
 def load_for_inference(model_dir, step: int | None = None, use_ema: bool = True, *,

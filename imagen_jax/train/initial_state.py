@@ -97,11 +97,11 @@ def setup_initial_state(create_fn: Callable[[], nnx.Module], mesh, *, tx=None, s
       params, ema, out.step = _init_from_params(out, init_from, init_from_ema)
       out.origin = "init_from"
     else:
-      params = jax.jit(lambda: state_lib.split_model(create_fn())[1],
-                       out_shardings=out.param_shardings)()
+      params = nn.jit_init(lambda: state_lib.split_model(create_fn())[1],
+                           out_shardings=out.param_shardings)()
       out.origin = "init"
-    out.state = jax.jit(lambda p, e: _fresh_state(p, e, tx, seed),
-                        out_shardings=out.state_shardings)(params, ema)
+    out.state = nn.jit_init(lambda p, e: _fresh_state(p, e, tx, seed),
+                            out_shardings=out.state_shardings)(params, ema)
   out.params = out.state.params
   return out
 

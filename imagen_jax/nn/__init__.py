@@ -25,8 +25,8 @@ from imagen_jax.parallel.rules import state_shardings
 
 # Initialisation programs run once, so they need no heavy code generation. LLVM's O1
 # instead of the default O2 compiles a U-Net's initialisation (a few hundred random
-# initializers) in a third to a half of the time on XLA:CPU, and gives the same values
-# bit for bit (tests/test_nn_configs.py; docs/benchmarks.md, "Start-up").
+# initializers) in 40-70% of the time on XLA:CPU, and gives the same values bit for bit
+# (tests/test_nn_configs.py; docs/benchmarks.md, "Start-up").
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

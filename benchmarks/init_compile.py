@@ -3,9 +3,9 @@
   python benchmarks/init_compile.py --gin_file=experiments/quickstart_base.gin \
       [--gin.TEXT_DIM=64] [--rounds=2]
 
-Training and sampling start by compiling the initialisation of the gin-configured model in
-one program (`nn.init_model`, `train.initial_state`). It runs once, so it is compiled with
-`nn.INIT_COMPILER_OPTIONS` (LLVM O1). This compiles the same program with XLA's default
+A fresh training run starts by compiling the initialisation of the gin-configured model in
+one program (`train.initial_state`; `nn.init_model` does the same). It runs once, so it is
+compiled with `nn.INIT_COMPILER_OPTIONS` (LLVM O1). This compiles the same program with XLA's default
 options and with those, alternating, each time without the persistent compilation cache,
 prints the compile times, and checks that both give the same parameters bit for bit.
 """

@@ -5,9 +5,10 @@
 
 A fresh training run starts by compiling the initialisation of the gin-configured model in
 one program (`train.initial_state`; `nn.init_model` does the same). It runs once, so it is
-compiled with `nn.INIT_COMPILER_OPTIONS` (LLVM O1). This compiles the same program with XLA's default
-options and with those, alternating, each time without the persistent compilation cache,
-prints the compile times, and checks that both give the same parameters bit for bit.
+compiled with `nn.INIT_COMPILER_OPTIONS` (LLVM O1). This compiles the same program with
+XLA's default options and with those, alternating, each time without the persistent
+compilation cache, prints the compile times, and checks that both give the same
+parameters bit for bit.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The pure train step: sharding invariance, exact gradient accumulation, Imagen's
 conditioning (caption dropout, noise conditioning augmentation), per-example keys."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,3 +186,25 @@ def test_max_time_bounds_the_training_noise_levels():
                 > float(schedules.cosine_log_snr(0.6)))
   with pytest.raises(errors.UserError, match="max_time"):
     step_lib.LossConfig(max_time=0.0).validate()
+
+
+def test_the_update_does_not_copy_the_state(devices):
+  """The donated state is updated in place. Guarding the update against a non-finite step
+  with a select over the whole state made XLA copy every parameter and moment first."""
+  def create():
+    return lib.TinyNet(rngs=nnx.Rngs(params=0, dropout=1), lowres_size=4)
+
+  with state_lib.no_eager_sharding():
+    graphdef, params, rest = state_lib.split_model(create())
+  tx, lr = optim.make_optimizer("adam", learning_rate=1e-2)
+  state = state_lib.init_train_state(params, tx, seed=3)
+  fn = step_lib.make_train_step(graphdef, rest, tx, loss_cfg=step_lib.LossConfig(), lr_fn=lr)
+  host = lib.FakePipeline(BATCH, lowres_size=4).host_batch(0)
+  batch = {k: v for k, v in host.items() if k != "index"}
+  jitted = jax.jit(lambda s, b: fn(s, b, step_lib.step_key(s.rng, s.step)),
+                   donate_argnums=(0,))
+  hlo = jitted.lower(state, batch).compile().as_text()
+  entry = hlo[hlo.index("\nENTRY "):]
+  inputs = set(re.findall(r"%([\w.\-]+) = f32\[\d[^\]]*\]\S* parameter\(", entry))  # arrays
+  copied = [n for n in re.findall(r" copy\(%([\w.\-]+)\)", entry) if n in inputs]
+  assert len(inputs) > len(jax.tree.leaves(params)) and not copied, copied[:5]

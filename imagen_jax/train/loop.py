@@ -15,9 +15,9 @@ uninterrupted run did (same compiled program on the same mesh: bit-identical par
 Stopping: SIGTERM (one process) or JAX's preemption service (several) makes
 `hosts.preemption_requested` true at the same step everywhere; the loop then saves a
 checkpoint and returns (preemptible TPU VMs send SIGTERM). A step whose loss or gradient
-norm is not finite changes nothing (`step.skip_unless`) and is counted (`nonfinite_steps`);
-after `max_nonfinite_steps` such steps in a row the run stops with an error naming the
-step, without saving: the last good checkpoint stays the latest.
+norm is not finite changes nothing (`step.make_train_step`) and is counted
+(`nonfinite_steps`); after `max_nonfinite_steps` such steps in a row the run stops with an
+error naming the step, without saving: the last good checkpoint stays the latest.
 
 Progress: step k's metrics are fetched once step k+1 is queued, so the device never idles,
 and the tqdm bar advances when a step has finished: it shows real steps/s.

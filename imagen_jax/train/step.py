@@ -215,15 +215,6 @@ def _batch_size(batch) -> int:
   return jax.tree.leaves(batch)[0].shape[0]
 
 
-def skip_unless(finite, updated: TrainState, previous: TrainState) -> TrainState:
-  """`updated` where `finite`, else `previous`: a step whose loss or gradient is not finite
-  changes no parameter, optimizer moment or EMA (the step counter still advances, so the
-  next step sees the next batch). optax.apply_if_finite does this for the optimizer alone;
-  here the EMA must be held back too, and the optimizer state keeps its checkpoint layout.
-  The loop counts consecutive skips from the `nonfinite` metric."""
-  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
-
-
 def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
                     loss_cfg: LossConfig, lr_fn: Callable | float,
                     ema_decay_fn: Callable = optim.ema_decay, micro_batches: int = 1,
@@ -238,8 +229,9 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
   Dropout masks (models with dropout) use fold_in(step key, micro-batch), so unlike the
   per-example draws they change with micro_batches.
   `no_remat` builds the step without rematerialisation (to count model FLOPs for MFU).
-  A non-finite loss or gradient norm skips the update (`skip_unless`); the metric
-  `nonfinite` is 1 for such a step.
+  A non-finite loss or gradient norm skips the update: that step changes no parameter,
+  optimizer moment or EMA (the step counter still advances, so the next step sees the
+  next batch), and its metric `nonfinite` is 1. The loop counts consecutive skips.
   """
   loss_cfg.validate()
 
@@ -284,13 +276,21 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
     grads = jax.tree.map(lambda g: g / b, grads)
     loss = loss_sum / b
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     decay = ema_decay_fn(state.step)
-    updated = state.replace(params=params, opt_state=opt_state,
-                            ema_params=optim.ema_update(state.ema_params, params, decay))
+
+    def update(state, grads):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return state.replace(params=params, opt_state=opt_state,
+                           ema_params=optim.ema_update(state.ema_params, params, decay))
+
+    # A cond rather than optax.apply_if_finite (which holds back the optimizer alone, not
+    # the EMA) or a select over the whole state: a select reads every state buffer twice,
+    # and XLA then copies each parameter and moment before updating it in place (3% of
+    # the quickstart's step; docs/benchmarks.md).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = skip_unless(finite, updated, state).replace(step=state.step + 1)
+    new_state = jax.lax.cond(finite, update, lambda state, grads: state, state, grads)
+    new_state = new_state.replace(step=state.step + 1)
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "learning_rate": optim.learning_rate_at(lr_fn, state.step),
                "ema_decay": decay, "param_norm": optax.global_norm(new_state.params),

@@ -29,6 +29,9 @@ pixel-shuffle upsampling...), so the parameter counts differ; both are printed.
 
 Each side is built and compiled once, then timed in alternating rounds (ours, theirs,
 ours, theirs, ...); the report gives each side's median and the ratio of examples/s.
+`--profile` then profiles `--steps` of their steps with torch.profiler and prints the time
+in their convolutions against their whole step (thread-ms); `benchmarks/cpu_profile.py`
+gives ours.
 """
 
 from __future__ import annotations
@@ -119,7 +122,18 @@ def torch_worker(args) -> int:
   print("RESULT " + json.dumps({"params": sum(p.numel() for p in params),
                                "torch": torch.__version__}), flush=True)
   for line in sys.stdin:
-    n = int(line.split()[1])
+    command, n = line.split()[0], int(line.split()[1])
+    if command == "profile":  # thread-milliseconds per step, convolutions and all
+      from torch.profiler import ProfilerActivity, profile
+      with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+          step()
+      events = prof.key_averages()
+      print(events.table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
+      ms = lambda evs: sum(e.self_cpu_time_total for e in evs) / n / 1e3
+      print("RESULT " + json.dumps({"conv_ms": ms(e for e in events if "convolution" in e.key),
+                                    "total_ms": ms(events)}), flush=True)
+      continue
     t0 = time.perf_counter()
     for _ in range(n):
       step()
@@ -162,6 +176,8 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=4)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--profile", action="store_true",
+                 help="then profile imagen-pytorch's step by op (its top ops on stderr)")
   p.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--shape", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -215,6 +231,10 @@ def main(argv=None) -> int:
     theirs_t.append(reply()["step_s"])
     print(f"round {r + 1}/{args.rounds}: ours {args.batch / ours_t[-1]:.1f} ex/s, "
           f"imagen-pytorch {args.batch / theirs_t[-1]:.1f} ex/s", flush=True)
+  if args.profile:
+    theirs.stdin.write(f"profile {args.steps}\n")
+    theirs.stdin.flush()
+    prof = reply()
   theirs.stdin.close()
   theirs.wait()
 
@@ -225,6 +245,10 @@ def main(argv=None) -> int:
   print(f"imagen-pytorch (torch {theirs_info['torch']}): "
         f"{theirs_info['params'] / 1e6:6.2f}M params, {args.batch / theirs_m:6.1f} examples/s")
   print(f"ratio ours / imagen-pytorch examples/s: {theirs_m / ours_m:.2f}")
+  if args.profile:
+    print(f"imagen-pytorch profile: convolutions {prof['conv_ms']:.0f} of "
+          f"{prof['total_ms']:.0f} thread-ms per step (torch.profiler, self time; ours: "
+          "benchmarks/cpu_profile.py)")
   return 0
 
 

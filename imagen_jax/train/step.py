@@ -286,8 +286,8 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
 
     # A cond rather than optax.apply_if_finite (which holds back the optimizer alone, not
     # the EMA) or a select over the whole state: a select reads every state buffer twice,
-    # and XLA then copies each parameter and moment before updating it in place (3% of
-    # the quickstart's step; docs/benchmarks.md).
+    # and XLA then copies each parameter and moment before updating it in place (4% of
+    # the quickstart's step on two devices; docs/benchmarks.md).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.lax.cond(finite, update, lambda state, grads: state, state, grads)
     new_state = new_state.replace(step=state.step + 1)

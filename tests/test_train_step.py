@@ -188,7 +188,7 @@ def test_max_time_bounds_the_training_noise_levels():
     step_lib.LossConfig(max_time=0.0).validate()
 
 
-def test_the_update_does_not_copy_the_state(devices):
+def test_the_update_does_not_copy_the_state():
   """The donated state is updated in place. Guarding the update against a non-finite step
   with a select over the whole state made XLA copy every parameter and moment first."""
   def create():

@@ -267,3 +267,13 @@ def test_progress_bar_counts_finished_steps(tmp_path, monkeypatch):
                log_every=100, val_every=0, progress=True, tensorboard=False)
   assert out["step"] == STEPS and bars[0].n == STEPS
   assert [seen[k] for k in range(2, STEPS)] == list(range(1, STEPS - 1))
+
+
+def test_cpu_peak_is_the_machines_split_between_its_simulated_devices(monkeypatch):
+  """A matmul on one simulated CPU device uses every core, so MFU must not count that peak
+  once per device (with 2 devices on 2 cores it read half the one-device figure)."""
+  monkeypatch.setattr(loop.metrics_lib, "measured_peak_flops", lambda dtype, n: 8e11)
+  assert jax.local_device_count() > 1
+  assert loop._peak_flops(None, 1e9) == 8e11 / jax.local_device_count()
+  assert loop._peak_flops(5e12, 1e9) == 5e12  # train.peak_flops_per_device wins
+  assert loop._peak_flops(None, None) is None  # no model FLOPs, no MFU

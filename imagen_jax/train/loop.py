@@ -223,9 +223,11 @@ def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> C
 def _peak_flops(given: float | None, model_flops: float | None) -> float | None:
   if given is not None or not model_flops:
     return given
-  on_cpu = jax.default_backend() == "cpu"  # accelerators need big matmuls to peak
-  return metrics_lib.measured_peak_flops(jnp.float32 if on_cpu else jnp.bfloat16,
-                                         n=1024 if on_cpu else 8192)
+  if jax.default_backend() == "cpu":
+    # Simulated CPU devices share the machine's cores, and a matmul on one of them uses
+    # every core: the measured peak is the machine's, split between the devices.
+    return metrics_lib.measured_peak_flops(jnp.float32, n=1024) / jax.local_device_count()
+  return metrics_lib.measured_peak_flops(jnp.bfloat16, n=8192)  # big matmuls to peak
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -71,7 +71,8 @@ def build_step(gin_files: list[str], bindings: list[str], batch: int, text_lengt
   state = jax.jit(lambda p: state_lib.init_train_state(p, tx, 0),
                   out_shardings=replicated)(params)
   step = step_lib.make_train_step(graphdef, rest, tx, loss_cfg=step_lib.LossConfig(),
-                                  lr_fn=lr)
+                                  lr_fn=lr,
+                                  flat_grad_mesh=step_lib.flat_grad_mesh_for(mesh, replicated))
   jitted = jax.jit(lambda s, b: step(s, b, step_lib.step_key(s.rng, s.step)),
                    donate_argnums=(0,))
   data = jax.device_put(synthetic_batch(batch, int(model.image_size), text_length,

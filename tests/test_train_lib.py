@@ -10,6 +10,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from imagen_jax.nn import layers
+
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 
 
@@ -40,9 +42,7 @@ class TinyNet(nnx.Module):
     t = (text_emb.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
     emb = self.text(t) + self.time(jnp.stack([log_snr, aug], -1) / 10.0)
     h = jax.nn.silu(self.conv1(x_t) + emb[:, None, None])
-    if train and self.dropout > 0:  # masks from the key argument, as the U-Nets do
-      keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, h.shape)
-      h = jnp.where(keep, h / (1.0 - self.dropout), 0.0)
+    h = layers.dropout(h, self.dropout, train=train, rng=dropout_rng)  # the U-Nets' dropout
     return self.conv2(h)
 
 

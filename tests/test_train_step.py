@@ -22,10 +22,11 @@ from imagen_jax.train import step as step_lib
 BATCH = 16
 
 
-def _build(mesh, micro_batches=1):
-  """A jitted tiny train step on `mesh`, as loop.train builds it."""
+def _build(mesh, micro_batches=1, *, flat_grads=False, dropout=0.0):
+  """A tiny train step on `mesh`, as loop.train builds it, run once.
+  -> (new state, metrics, parameter shardings, the compiled step's HLO text)."""
   def create():
-    return lib.TinyNet(rngs=nnx.Rngs(params=0, dropout=1), lowres_size=4)
+    return lib.TinyNet(rngs=nnx.Rngs(params=0, dropout=1), lowres_size=4, dropout=dropout)
 
   with state_lib.no_eager_sharding():
     model = create()
@@ -39,15 +40,17 @@ def _build(mesh, micro_batches=1):
   state = jax.device_put(state, ssh)
   shard = lambda ndim: mesh_lib.batch_sharding(mesh, ndim)
   fn = step_lib.make_train_step(graphdef, rest, tx, loss_cfg=step_lib.LossConfig(), lr_fn=lr,
-                                micro_batches=micro_batches, batch_sharding=shard)
+                                micro_batches=micro_batches, batch_sharding=shard,
+                                flat_grad_mesh=mesh if flat_grads else None)
   host = lib.FakePipeline(BATCH, lowres_size=4).host_batch(5)
   bsh = {k: shard(np.ndim(v)) for k, v in host.items() if k != "index"}
   batch = {k: jax.device_put(v, bsh[k]) for k, v in host.items() if k != "index"}
   jitted = jax.jit(lambda s, b: fn(s, b, step_lib.step_key(s.rng, s.step)),
                    in_shardings=(ssh, bsh), out_shardings=(ssh, NamedSharding(mesh, P())))
   with jax.set_mesh(mesh):
-    new_state, metrics = jitted(state, batch)
-  return new_state, jax.device_get(metrics), psh
+    compiled = jitted.lower(state, batch).compile()
+    new_state, metrics = compiled(state, batch)
+  return new_state, jax.device_get(metrics), psh, compiled.as_text()
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +59,10 @@ def eight_device_run(devices):
 
 
 def test_one_device_and_eight_devices_agree(devices, eight_device_run):
-  state8, m8, psh = eight_device_run
+  state8, m8, psh, _ = eight_device_run
   # The 8-device run really shards parameters over fsdp.
   assert any(s.spec != P() for s in jax.tree.leaves(psh))
-  state1, m1, _ = _build(mesh_lib.make_mesh("data:1", devices=devices[:1]))
+  state1, m1, _, _ = _build(mesh_lib.make_mesh("data:1", devices=devices[:1]))
   assert np.isfinite(m8["loss"])
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
@@ -69,8 +72,8 @@ def test_one_device_and_eight_devices_agree(devices, eight_device_run):
 
 
 def test_gradient_accumulation_is_exact(devices, eight_device_run):
-  state8, m8, _ = eight_device_run
-  state_acc, m_acc, _ = _build(mesh_lib.make_mesh("data:2,fsdp:4", devices=devices[:8]),
+  state8, m8, _, _ = eight_device_run
+  state_acc, m_acc, _, _ = _build(mesh_lib.make_mesh("data:2,fsdp:4", devices=devices[:8]),
                                micro_batches=2)
   np.testing.assert_allclose(m_acc["loss"], m8["loss"], rtol=1e-5)
   np.testing.assert_allclose(m_acc["grad_norm"], m8["grad_norm"], rtol=1e-4)
@@ -79,6 +82,36 @@ def test_gradient_accumulation_is_exact(devices, eight_device_run):
   # One optimizer update and one EMA update per step, whatever the micro-batching.
   assert int(state_acc.step) == 1
   assert int(state_acc.opt_state[1][0].count) == 1
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_flat_gradient_sum_is_xlas_reduction_in_one_all_reduce(devices, micro_batches):
+  """flat_grad_mesh: each device's rows in a shard_map, the gradient summed as one flat
+  vector. The update is XLA's own reduction's, dropout masks included (each shard keeps
+  its rows of the whole batch's mask), in one all-reduce instead of one per parameter."""
+  mesh = mesh_lib.make_mesh("data:8", devices=devices[:8])
+  state_f, m_f, _, hlo_f = _build(mesh, micro_batches, flat_grads=True, dropout=0.5)
+  state_x, m_x, _, hlo_x = _build(mesh, micro_batches, dropout=0.5)
+  np.testing.assert_allclose(m_f["loss"], m_x["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m_f["grad_norm"], m_x["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_f.params), jax.tree.leaves(state_x.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  def all_reduced_arrays(hlo):  # the array types of each all-reduce
+    return [re.findall(r"f32\[[\d,]*\]", m)
+            for m in re.findall(r"^\s*(?:ROOT )?%\S+ = (.*?) all-reduce\(", hlo, re.M)]
+  assert sum(map(len, all_reduced_arrays(hlo_x))) > 4  # XLA's: one array per parameter
+  assert all_reduced_arrays(hlo_f) == [["f32[1507]", "f32[]"]]  # the gradient, the loss
+
+
+def test_flat_gradients_only_on_cpu_with_replicated_parameters(devices, eight_device_run):
+  replicated = lambda mesh: NamedSharding(mesh, P())
+  mesh8 = mesh_lib.make_mesh("data:8", devices=devices[:8])
+  assert step_lib.flat_grad_mesh_for(mesh8, {"w": replicated(mesh8)}) is mesh8
+  mesh1 = mesh_lib.make_mesh("data:1", devices=devices[:1])
+  assert step_lib.flat_grad_mesh_for(mesh1, {"w": replicated(mesh1)}) is None
+  _, _, fsdp_sharded, _ = eight_device_run
+  assert step_lib.flat_grad_mesh_for(mesh_lib.make_mesh("data:2,fsdp:4", devices=devices[:8]),
+                                     fsdp_sharded) is None
 
 
 def _cond_batch(n, lowres=False):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imagen_jax.errors import UserError
+from imagen_jax.parallel import rules
 
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 DEFAULT_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
@@ -174,7 +175,13 @@ def dropout(x: jax.Array, rate: float, *, train: bool, rng: jax.Array | None) ->
   if rng is None:
     raise UserError(f"dropout {rate} is on (train=True) but no dropout_rng was given; "
                     "pass dropout_rng=<a jax.random key> to the model")
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  shard = rules.batch_shard()
+  if shard is None:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  else:  # one shard of the batch: the whole batch's mask, so masks do not depend on the split
+    count, index = shard
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0] * count, *x.shape[1:]))
+    keep = jax.lax.dynamic_slice_in_dim(keep, index * x.shape[0], x.shape[0])
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 

@@ -136,12 +136,35 @@ def state_shardings(state: Any, mesh: Mesh,
   return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _manual_axes(mesh) -> frozenset[str]:
+  return frozenset(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                   if kind == jax.sharding.AxisType.Manual)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names, under the mesh set with
-  `jax.set_mesh`; a no-op without a mesh or when the mesh does not divide the shape."""
+  `jax.set_mesh`; a no-op without a mesh or when the mesh does not divide the shape.
+  Inside a `shard_map`, its manual axes are dropped: x is already one shard along them."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or not set(mesh.axis_names) >= {"data", "fsdp"}:
     return x
   spec = logical_to_mesh(logical_axes)
+  manual = _manual_axes(mesh)
+  if manual:
+    spec = PartitionSpec(*(tuple(a for a in _as_tuple(axes) if a not in manual) or None
+                           for axes in spec))
   spec = fit_spec_to_shape(spec, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_shard() -> tuple[int, jax.Array] | None:
+  """(number of shards, this shard's index) inside a `shard_map` that splits the batch
+  over the batch axes ('data', 'fsdp'); None elsewhere."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  axes = tuple(a for a in _as_tuple(dict(LOGICAL_AXIS_RULES)["batch"])
+               if a in _manual_axes(mesh))
+  if not axes:
+    return None
+  return math.prod(mesh.shape[a] for a in axes), jax.lax.axis_index(axes)

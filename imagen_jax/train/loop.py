@@ -193,7 +193,8 @@ def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> C
   batch = to_global(first_batch, mesh)
   batch_sh = {k: v.sharding for k, v in batch.items()}
   step_kw = dict(loss_cfg=loss_cfg, lr_fn=lr, micro_batches=micro_batches,
-                 batch_sharding=functools.partial(mesh_lib.batch_sharding, mesh))
+                 batch_sharding=functools.partial(mesh_lib.batch_sharding, mesh),
+                 flat_grad_mesh=step_lib.flat_grad_mesh_for(mesh, init.state_shardings.params))
   jit_kw = dict(in_shardings=(init.state_shardings, batch_sh),
                 out_shardings=(init.state_shardings, replicated))
 

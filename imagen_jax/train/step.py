@@ -30,10 +30,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imagen_jax.diffusion import conditioning, losses, masks, process, schedules
 from imagen_jax.errors import UserError
+from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.train import optim
 from imagen_jax.train.state import TrainState, merge_model
 
@@ -219,7 +221,7 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
                     loss_cfg: LossConfig, lr_fn: Callable | float,
                     ema_decay_fn: Callable = optim.ema_decay, micro_batches: int = 1,
                     batch_sharding: Callable[[int], NamedSharding] | None = None,
-                    no_remat: bool = False):
+                    flat_grad_mesh: Mesh | None = None, no_remat: bool = False):
   """Returns train_step(state, batch, rng) -> (state, metrics); jit it (see loop.py).
 
   micro_batches > 1 accumulates gradients over a lax.scan: micro-batch m holds the examples
@@ -228,6 +230,9 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
   `batch_sharding(ndim)` constrains each micro-batch to the batch sharding.
   Dropout masks (models with dropout) use fold_in(step key, micro-batch), so unlike the
   per-example draws they change with micro_batches.
+  `flat_grad_mesh` (see `flat_grad_mesh_for`): each device computes the gradient of its
+  own rows (`shard_map` over the mesh's batch axes), and the shards' gradients are summed
+  in one all-reduce of one flat vector instead of XLA's all-reduce per parameter.
   `no_remat` builds the step without rematerialisation (to count model FLOPs for MFU).
   A non-finite loss or gradient norm skips the update: that step changes no parameter,
   optimizer moment or EMA (the step counter still advances, so the next step sees the
@@ -243,36 +248,48 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
     (loss_sum, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
     return loss_sum, grads, aux
 
+  def accumulated_grads(params, batch, keys, dropout_rng, micro_sharding):
+    """-> (loss sum, gradient sum, aux) over the rows of `batch`, in micro-batches."""
+    if micro_batches == 1:
+      return grads_of(params, batch, keys, dropout_rng)
+    rows = _batch_size(batch)
+
+    def to_micro(x):
+      x = x.reshape(rows // micro_batches, micro_batches, *x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+
+    def body(carry, inputs):
+      g_acc, l_acc, a_acc = carry
+      mb, mb_keys, m = inputs
+      if micro_sharding is not None:
+        mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, micro_sharding(x.ndim)), mb)
+      l, g, a = grads_of(params, mb, mb_keys, jax.random.fold_in(dropout_rng, m))
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
+              jax.tree.map(jnp.add, a_acc, a)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    no_aux = {"correct": 0.0, "labelled": 0.0} if loss_cfg.task == "classifier" else {}
+    (grads, loss_sum, aux), _ = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32),
+               jax.tree.map(lambda v: jnp.zeros((), jnp.float32), no_aux)),
+        (jax.tree.map(to_micro, batch), to_micro(keys),
+         jnp.arange(micro_batches, dtype=jnp.int32)))
+    return loss_sum, grads, aux
+
   def train_step(state: TrainState, batch: dict, rng) -> tuple[TrainState, dict]:
     b = _batch_size(batch)
     if b % micro_batches:
       raise UserError(f"batch size {b} is not divisible by micro_batches={micro_batches}")
     example_rng, dropout_rng = jax.random.split(rng)
     keys = example_keys(example_rng, jnp.arange(b, dtype=jnp.int32))
-    if micro_batches == 1:
-      loss_sum, grads, aux = grads_of(state.params, batch, keys, dropout_rng)
+    if flat_grad_mesh is None:
+      loss_sum, grads, aux = accumulated_grads(state.params, batch, keys, dropout_rng,
+                                               batch_sharding)
     else:
-      def to_micro(x):
-        x = x.reshape(b // micro_batches, micro_batches, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-
-      def body(carry, inputs):
-        g_acc, l_acc, a_acc = carry
-        mb, mb_keys, m = inputs
-        if batch_sharding is not None:
-          mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-              x, batch_sharding(x.ndim)), mb)
-        l, g, a = grads_of(state.params, mb, mb_keys, jax.random.fold_in(dropout_rng, m))
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
-                jax.tree.map(jnp.add, a_acc, a)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      no_aux = {"correct": 0.0, "labelled": 0.0} if loss_cfg.task == "classifier" else {}
-      (grads, loss_sum, aux), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32),
-                 jax.tree.map(lambda v: jnp.zeros((), jnp.float32), no_aux)),
-          (jax.tree.map(to_micro, batch), to_micro(keys),
-           jnp.arange(micro_batches, dtype=jnp.int32)))
+      loss_sum, grads, aux = _summed_over_shards(
+          lambda p, bt, k: accumulated_grads(p, bt, k, dropout_rng, None),
+          flat_grad_mesh)(state.params, batch, keys)
     grads = jax.tree.map(lambda g: g / b, grads)
     loss = loss_sum / b
     grad_norm = optax.global_norm(grads)
@@ -300,6 +317,44 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
     return new_state, metrics
 
   return train_step
+
+
+def flat_grad_mesh_for(mesh: Mesh, param_shardings) -> Mesh | None:
+  """The mesh for `make_train_step(flat_grad_mesh=...)`, or None to leave the gradient
+  reduction to XLA. Only on CPU, only when the batch is split (data-parallel size > 1) and
+  every parameter is replicated. XLA:CPU runs an all-reduce one array at a time (a
+  rendezvous of the devices per array; a gloo round trip per array between processes),
+  and a device waiting there holds a core: one flat all-reduce made the quickstart's
+  two-device step 1.15x faster (docs/benchmarks.md). On TPUs and GPUs, XLA's own
+  all-reduces overlap the backward pass, and a flat copy of the gradient would cost
+  device memory, so they keep XLA's reduction."""
+  if mesh.devices.flat[0].platform != "cpu" or mesh_lib.data_parallel_size(mesh) == 1:
+    return None
+  if not all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings)):
+    return None
+  return mesh
+
+
+def _summed_over_shards(grads_fn, mesh: Mesh):
+  """grads_fn(params, batch, keys) -> (loss sum, gradient sum, aux) over the rows it is
+  given, run on each device's rows of the batch and summed over the mesh's batch axes:
+  the gradient as one flat vector, in one all-reduce with the loss and aux."""
+  axes = mesh_lib.BATCH_AXES
+
+  def local(params, batch, keys):
+    loss_sum, grads, aux = grads_fn(params, batch, keys)
+    flat, unravel = ravel_pytree(grads)
+    flat, loss_sum, aux = jax.lax.psum((flat, loss_sum, aux), axes)
+    return loss_sum, unravel(flat), aux
+
+  def rows(x):
+    return mesh_lib.batch_spec(x.ndim)
+
+  def run(params, batch, keys):
+    return jax.shard_map(local, mesh=mesh, axis_names=set(axes),
+                         in_specs=(P(), jax.tree.map(rows, batch), rows(keys)),
+                         out_specs=P(), check_vma=False)(params, batch, keys)
+  return run
 
 
 def validation_levels(cfg: LossConfig):

@@ -103,6 +103,40 @@ def test_the_flat_gradient_sum_is_xlas_reduction_in_one_all_reduce(devices, micr
   assert all_reduced_arrays(hlo_f) == [["f32[1507]", "f32[]"]]  # the gradient, the loss
 
 
+def test_the_classifier_loss_in_shards_weighs_by_the_whole_batch(devices):
+  """Inside the flat sum's shard_map each device holds its own rows, yet the classifier's
+  per-example weights come from the whole batch's count of labelled examples: the same
+  loss, aux and gradient as on the whole batch. Unlabelled rows (-1) are spread unevenly
+  over the 8 devices' pairs of rows, so per-device counts would weigh them differently."""
+  from imagen_jax.nn.classifier import NoisyClassifier
+  with state_lib.no_eager_sharding():
+    model = NoisyClassifier(rngs=nnx.Rngs(0), num_classes=4, image_size=8, model_channels=8,
+                            channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                            head_dim=8, num_groups=4)
+  graphdef, params, rest = state_lib.split_model(model)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, BATCH)
+  labels[[0, 2, 3, 13]] = -1
+  batch = {"image": rng.integers(0, 256, (BATCH, 8, 8, 3)).astype(np.uint8), "label": labels}
+  keys = step_lib.example_keys(jax.random.PRNGKey(0), jnp.arange(BATCH))
+  cfg = step_lib.LossConfig(task="classifier")
+
+  def grads_fn(p, b, k):
+    def total(p):
+      loss, aux = step_lib.per_example_loss(graphdef, rest, p, b, k, None, cfg)
+      return jnp.sum(loss), aux
+    (loss_sum, aux), grads = jax.value_and_grad(total, has_aux=True)(p)
+    return loss_sum, grads, aux
+
+  mesh = mesh_lib.make_mesh("data:8", devices=devices[:8])
+  whole = jax.jit(grads_fn)(params, batch, keys)
+  shards = jax.jit(step_lib._summed_over_shards(grads_fn, mesh))(params, batch, keys)
+  np.testing.assert_allclose(shards[0], whole[0], rtol=1e-5)
+  assert {k: float(v) for k, v in shards[2].items()} == {k: float(v) for k, v in whole[2].items()}
+  for a, b in zip(jax.tree.leaves(shards[1]), jax.tree.leaves(whole[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 def test_flat_gradients_only_on_cpu_with_replicated_parameters(devices, eight_device_run):
   replicated = lambda mesh: NamedSharding(mesh, P())
   mesh8 = mesh_lib.make_mesh("data:8", devices=devices[:8])

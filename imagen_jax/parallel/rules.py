@@ -157,14 +157,26 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def _manual_batch_axes() -> tuple[str, ...]:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return ()
+  return tuple(a for a in _as_tuple(dict(LOGICAL_AXIS_RULES)["batch"])
+               if a in _manual_axes(mesh))
+
+
 def batch_shard() -> tuple[int, jax.Array] | None:
   """(number of shards, this shard's index) inside a `shard_map` that splits the batch
   over the batch axes ('data', 'fsdp'); None elsewhere."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return None
-  axes = tuple(a for a in _as_tuple(dict(LOGICAL_AXIS_RULES)["batch"])
-               if a in _manual_axes(mesh))
+  axes = _manual_batch_axes()
   if not axes:
     return None
+  mesh = jax.sharding.get_abstract_mesh()
   return math.prod(mesh.shape[a] for a in axes), jax.lax.axis_index(axes)
+
+
+def whole_batch_sum(x: jax.Array) -> jax.Array:
+  """x summed over the batch's shards inside a `shard_map` that splits the batch (a
+  statistic of the whole batch, as outside one); x itself elsewhere."""
+  axes = _manual_batch_axes()
+  return jax.lax.psum(x, axes) if axes else x

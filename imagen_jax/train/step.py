@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from imagen_jax.diffusion import conditioning, losses, masks, process, schedules
 from imagen_jax.errors import UserError
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel import rules
 from imagen_jax.train import optim
 from imagen_jax.train.state import TrainState, merge_model
 
@@ -208,7 +209,9 @@ def classifier_loss(model, batch, keys, dropout_key, cfg: LossConfig):
   logp = jax.nn.log_softmax(logits, axis=-1)
   ce = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
   labelled = jnp.sum(valid.astype(jnp.float32))
-  scale = labels.shape[0] / jnp.maximum(labelled, 1.0)
+  # The whole batch's count, also when each device computes its own rows (flat_grad_mesh).
+  rows = rules.whole_batch_sum(jnp.float32(labels.shape[0]))
+  scale = rows / jnp.maximum(rules.whole_batch_sum(labelled), 1.0)
   correct = jnp.sum((valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.float32))
   return jnp.where(valid, ce, 0.0) * scale, {"correct": correct, "labelled": labelled}
 

@@ -277,3 +277,12 @@ def test_cpu_peak_is_the_machines_split_between_its_simulated_devices(monkeypatc
   assert loop._peak_flops(None, 1e9) == 8e11 / jax.local_device_count()
   assert loop._peak_flops(5e12, 1e9) == 5e12  # train.peak_flops_per_device wins
   assert loop._peak_flops(None, None) is None  # no model FLOPs, no MFU
+
+
+def test_model_flops_count_the_whole_batch_with_the_flat_gradient_sum(tmp_path):
+  """On several CPU devices the step sums gradients inside a shard_map, whose body is one
+  device's program; the FLOPs behind MFU are still those of the whole batch's step."""
+  outs = [_train(tmp_path / f"d{n}", train_steps=1, checkpoint_every=1, val_every=0,
+                 num_devices=n) for n in (1, jax.device_count())]
+  assert outs[1]["num_devices"] > 1 and outs[0]["model_flops"] > 0
+  assert outs[1]["model_flops"] == pytest.approx(outs[0]["model_flops"], rel=0.02)

@@ -192,14 +192,16 @@ def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> C
   replicated = NamedSharding(mesh, P())
   batch = to_global(first_batch, mesh)
   batch_sh = {k: v.sharding for k, v in batch.items()}
+  flat_grad_mesh = step_lib.flat_grad_mesh_for(mesh, init.state_shardings.params)
   step_kw = dict(loss_cfg=loss_cfg, lr_fn=lr, micro_batches=micro_batches,
-                 batch_sharding=functools.partial(mesh_lib.batch_sharding, mesh),
-                 flat_grad_mesh=step_lib.flat_grad_mesh_for(mesh, init.state_shardings.params))
+                 batch_sharding=functools.partial(mesh_lib.batch_sharding, mesh))
   jit_kw = dict(in_shardings=(init.state_shardings, batch_sh),
                 out_shardings=(init.state_shardings, replicated))
 
-  def jitted(no_remat=False, **kw):
-    fn = step_lib.make_train_step(init.graphdef, init.rest, tx, no_remat=no_remat, **step_kw)
+  def jitted(no_remat=False, flat_grads=True, **kw):
+    fn = step_lib.make_train_step(init.graphdef, init.rest, tx, no_remat=no_remat,
+                                  flat_grad_mesh=flat_grad_mesh if flat_grads else None,
+                                  **step_kw)
     return jax.jit(lambda s, b: fn(s, b, step_lib.step_key(s.rng, s.step)), **jit_kw, **kw)
 
   t0 = time.perf_counter()
@@ -211,11 +213,17 @@ def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> C
     # Processes compile at different speeds (only process 0 writes the compilation cache);
     # meet here so that the first step's collectives do not hit gloo's 30 s connect limit.
     hosts.sync_global_devices("train_step_compiled")
+  # FLOPs are counted on the global program: a shard_map's body (the flat gradient sum) is
+  # written per device, so its lowering would count one device's share.
+  if flat_grad_mesh is not None:
+    with jax.set_mesh(mesh):
+      lowered = jitted(flat_grads=False).lower(init.state, batch)
   hardware = model = metrics_lib.cost_flops(lowered)
   remat = any(getattr(m, "remat", False) for _, m in nnx.iter_modules(init.model))
   if remat:  # model FLOPs = the same step without recomputation
     with jax.set_mesh(mesh):
-      model = metrics_lib.cost_flops(jitted(no_remat=True).lower(init.state, batch))
+      model = metrics_lib.cost_flops(jitted(no_remat=True, flat_grads=False).lower(
+          init.state, batch))
   log.info("compiled the train step in %.1fs; %.3g model FLOPs/step", compile_s,
            model or float("nan"))
   return CompiledStep(compiled, compile_s, model, hardware, remat)

@@ -27,6 +27,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from imagen_jax.parallel.mesh import BATCH_AXES
+
 MeshAxes = str | tuple[str, ...] | None
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
@@ -161,8 +163,7 @@ def _manual_batch_axes() -> tuple[str, ...]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return ()
-  return tuple(a for a in _as_tuple(dict(LOGICAL_AXIS_RULES)["batch"])
-               if a in _manual_axes(mesh))
+  return tuple(a for a in BATCH_AXES if a in _manual_axes(mesh))
 
 
 def batch_shard() -> tuple[int, jax.Array] | None:

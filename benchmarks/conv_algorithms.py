@@ -1,6 +1,6 @@
 """Does another algorithm beat XLA:CPU's own 3x3 convolution and its gradients?
 
-  taskset -c 0 python benchmarks/conv_algorithms.py [--batch=16] [--iters=200]
+  taskset -c 0 python benchmarks/conv_algorithms.py [--batch=16] [--iters=200] [--loop]
 
 On the CPU most of the quickstart's train step is convolutions and their backward pass
 (docs/benchmarks.md). This times forward + backward (input and weight gradients) of one
@@ -14,6 +14,9 @@ On the CPU most of the quickstart's train step is convolutions and their backwar
   batched matmuls between transformed input tiles and transformed filters, differentiated
   by jax.grad. They need 2.25x and 4x fewer multiplications than the direct convolution;
   the tile transforms are elementwise sums of strided slices.
+`--loop` times instead XLA's forward + backward of two batches, one after the other and
+as the two iterations of a `lax.scan` (as `make_train_step` accumulates micro-batches):
+XLA:CPU compiles a convolution's gradients inside a loop body to a generic kernel.
 All give the same gradients (each variant's largest relative error against `xla`, over
 both gradients, is printed); only the time differs. Each figure is the median of 5
 timings of iters/5 calls.
@@ -121,11 +124,39 @@ def median_ms(fn, *args, iters: int) -> float:
   return float(np.median(times)) * 1e3
 
 
+def loop_table(batch: int, iters: int):
+  print(f"{jax.devices()[0].platform}, batch {batch}: milliseconds per call of XLA's forward "
+        "+ backward of two batches")
+  print("shape (px, in -> out) | one after the other | in a lax.scan | ratio")
+  for size, cin, cout in SHAPES:
+    kx, kw = jax.random.split(jax.random.key(0))
+    xs = jax.random.normal(kx, (2, batch, size, size, cin))
+    w = 0.1 * jax.random.normal(kw, (3, 3, cin, cout))
+    grad = jax.grad(lambda w, x: jnp.sum(jnp.tanh(conv(x, w))), (0, 1))
+
+    def unrolled(w, xs):
+      (gw0, gx0), (gw1, gx1) = grad(w, xs[0]), grad(w, xs[1])
+      return gw0 + gw1, jnp.stack([gx0, gx1])
+
+    def scanned(w, xs):
+      def body(acc, x):
+        gw, gx = grad(w, x)
+        return acc + gw, gx
+      return jax.lax.scan(body, jnp.zeros_like(w), xs)
+
+    one, two = (median_ms(jax.jit(f), w, xs, iters=iters) for f in (unrolled, scanned))
+    print(f"{size} px, {cin} -> {cout} | {one:.2f} | {two:.2f} | {two / one:.1f}x", flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=16, help="examples per device")
   p.add_argument("--iters", type=int, default=200)
+  p.add_argument("--loop", action="store_true",
+                 help="XLA's convolution gradients in a lax.scan against outside one")
   args = p.parse_args(argv)
+  if args.loop:
+    return loop_table(args.batch, args.iters)
   print(f"{jax.devices()[0].platform}, batch {args.batch}: milliseconds per call of forward + "
         "backward (forward alone in brackets), each variant's time over XLA's, and its error")
   print("shape (px, in -> out) | " + " | ".join(VARIANTS))

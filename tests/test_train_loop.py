@@ -281,8 +281,11 @@ def test_cpu_peak_is_the_machines_split_between_its_simulated_devices(monkeypatc
 
 def test_model_flops_count_the_whole_batch_with_the_flat_gradient_sum(tmp_path):
   """On several CPU devices the step sums gradients inside a shard_map, whose body is one
-  device's program; the FLOPs behind MFU are still those of the whole batch's step."""
-  outs = [_train(tmp_path / f"d{n}", train_steps=1, checkpoint_every=1, val_every=0,
-                 num_devices=n) for n in (1, jax.device_count())]
+  device's program; with micro-batches, a loop whose body XLA's cost analysis counts
+  once. The FLOPs behind MFU are still those of the whole batch's step."""
+  outs = [_train(tmp_path / f"d{n}_m{m}", train_steps=1, checkpoint_every=1, val_every=0,
+                 num_devices=n, micro_batches=m)
+          for n, m in ((1, 1), (jax.device_count(), 1), (jax.device_count(), 2))]
   assert outs[1]["num_devices"] > 1 and outs[0]["model_flops"] > 0
-  assert outs[1]["model_flops"] == pytest.approx(outs[0]["model_flops"], rel=0.02)
+  for out in outs[1:]:
+    assert out["model_flops"] == pytest.approx(outs[0]["model_flops"], rel=0.02)

@@ -198,9 +198,11 @@ def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> C
   jit_kw = dict(in_shardings=(init.state_shardings, batch_sh),
                 out_shardings=(init.state_shardings, replicated))
 
-  def jitted(no_remat=False, flat_grads=True, **kw):
+  def jitted(no_remat=False, to_count=False, **kw):
+    """to_count: the step whose lowering counts the FLOPs of the whole batch (see below)."""
     fn = step_lib.make_train_step(init.graphdef, init.rest, tx, no_remat=no_remat,
-                                  flat_grad_mesh=flat_grad_mesh if flat_grads else None,
+                                  flat_grad_mesh=None if to_count else flat_grad_mesh,
+                                  unroll_micro_batches=True if to_count else None,
                                   **step_kw)
     return jax.jit(lambda s, b: fn(s, b, step_lib.step_key(s.rng, s.step)), **jit_kw, **kw)
 
@@ -213,16 +215,17 @@ def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> C
     # Processes compile at different speeds (only process 0 writes the compilation cache);
     # meet here so that the first step's collectives do not hit gloo's 30 s connect limit.
     hosts.sync_global_devices("train_step_compiled")
-  # FLOPs are counted on the global program: a shard_map's body (the flat gradient sum) is
-  # written per device, so its lowering would count one device's share.
-  if flat_grad_mesh is not None:
+  # FLOPs are counted on the whole batch's program with its micro-batches unrolled: a
+  # shard_map's body (the flat gradient sum) is written per device, and XLA's cost
+  # analysis counts a loop's body once.
+  if flat_grad_mesh is not None or micro_batches > 1:
     with jax.set_mesh(mesh):
-      lowered = jitted(flat_grads=False).lower(init.state, batch)
+      lowered = jitted(to_count=True).lower(init.state, batch)
   hardware = model = metrics_lib.cost_flops(lowered)
   remat = any(getattr(m, "remat", False) for _, m in nnx.iter_modules(init.model))
   if remat:  # model FLOPs = the same step without recomputation
     with jax.set_mesh(mesh):
-      model = metrics_lib.cost_flops(jitted(no_remat=True, flat_grads=False).lower(
+      model = metrics_lib.cost_flops(jitted(no_remat=True, to_count=True).lower(
           init.state, batch))
   log.info("compiled the train step in %.1fs; %.3g model FLOPs/step", compile_s,
            model or float("nan"))

@@ -220,16 +220,28 @@ def _batch_size(batch) -> int:
   return jax.tree.leaves(batch)[0].shape[0]
 
 
+def _unrolls_micro_batches(unroll: bool | None) -> bool:
+  """None: unrolled on CPU only. XLA:CPU compiles a convolution's gradient inside a loop
+  body to a generic kernel, 14-36x slower than outside a loop at the U-Nets' shapes, which
+  made micro-batches slow the quickstart's step 12x (docs/benchmarks.md). Elsewhere the
+  loop runs one micro-batch at a time, keeping one micro-batch's activations alive, which
+  is what micro-batches are for."""
+  return jax.default_backend() == "cpu" if unroll is None else unroll
+
+
 def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
                     loss_cfg: LossConfig, lr_fn: Callable | float,
                     ema_decay_fn: Callable = optim.ema_decay, micro_batches: int = 1,
                     batch_sharding: Callable[[int], NamedSharding] | None = None,
-                    flat_grad_mesh: Mesh | None = None, no_remat: bool = False):
+                    flat_grad_mesh: Mesh | None = None, no_remat: bool = False,
+                    unroll_micro_batches: bool | None = None):
   """Returns train_step(state, batch, rng) -> (state, metrics); jit it (see loop.py).
 
   micro_batches > 1 accumulates gradients over a lax.scan: micro-batch m holds the examples
   whose global index i has i % micro_batches == m, so each device keeps its own rows (no
   communication), and the optimizer makes one exact update per step on the whole batch.
+  `unroll_micro_batches` unrolls the scan (None: on CPU only; `_unrolls_micro_batches`).
+  Count FLOPs on an unrolled step: XLA's cost analysis counts a loop's body once.
   `batch_sharding(ndim)` constrains each micro-batch to the batch sharding.
   Dropout masks (models with dropout) use fold_in(step key, micro-batch), so unlike the
   per-example draws they change with micro_batches.
@@ -242,6 +254,7 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
   next batch), and its metric `nonfinite` is 1. The loop counts consecutive skips.
   """
   loss_cfg.validate()
+  unroll = _unrolls_micro_batches(unroll_micro_batches)
 
   def grads_of(params, batch, keys, dropout_key):
     def total(p):
@@ -277,7 +290,8 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
         body, (zeros, jnp.zeros((), jnp.float32),
                jax.tree.map(lambda v: jnp.zeros((), jnp.float32), no_aux)),
         (jax.tree.map(to_micro, batch), to_micro(keys),
-         jnp.arange(micro_batches, dtype=jnp.int32)))
+         jnp.arange(micro_batches, dtype=jnp.int32)),
+        unroll=micro_batches if unroll else 1)
     return loss_sum, grads, aux
 
   def train_step(state: TrainState, batch: dict, rng) -> tuple[TrainState, dict]:

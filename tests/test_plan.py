@@ -124,10 +124,13 @@ def test_plan_takes_its_settings_as_arguments_and_gin_settings_reads_the_run():
   # The binding says 3 micro-batches; the argument says 5, which does not divide 4 rows.
   with pytest.raises(UserError, match="micro_batches=5"):
     plan_lib.plan_training(mesh, batch_size=8, micro_batches=5, compile_step=False)
+
+
 def test_micro_batches_count_every_micro_batchs_flops(tiny_plans):
   """XLA's cost analysis counts a loop's body once; the plan counts the FLOPs of all the
   micro-batches (the whole batch), not of one."""
   import gin
+  from imagen_jax.train import loop  # noqa: F401  (registers train.*)
   gin.clear_config()
   plan = _plan(["models/tiny_base.gin"], "data:1",
                ["UNet.num_res_blocks = 1", "MAX_LENGTH = 16", "train.micro_batches = 4"],

@@ -72,10 +72,10 @@ def build_step(gin_files: list[str], bindings: list[str], batch: int, text_lengt
                   out_shardings=replicated)(params)
   flat_grad_mesh = step_lib.flat_grad_mesh_for(mesh, replicated)
 
-  def jitted(flat_grads=True):
+  def jitted(for_flop_count=False):
     step = step_lib.make_train_step(graphdef, rest, tx, loss_cfg=step_lib.LossConfig(),
-                                    lr_fn=lr,
-                                    flat_grad_mesh=flat_grad_mesh if flat_grads else None)
+                                    lr_fn=lr, flat_grad_mesh=flat_grad_mesh,
+                                    for_flop_count=for_flop_count)
     return jax.jit(lambda s, b: step(s, b, step_lib.step_key(s.rng, s.step)),
                    donate_argnums=(0,))
   data = jax.device_put(synthetic_batch(batch, int(model.image_size), text_length,
@@ -87,7 +87,7 @@ def build_step(gin_files: list[str], bindings: list[str], batch: int, text_lengt
   compile_s = time.perf_counter() - t0
   # The whole batch's FLOPs, as train.loop counts them (docs/train.md, "Benchmark").
   flops = metrics_lib.cost_flops(lowered if flat_grad_mesh is None
-                                 else jitted(flat_grads=False).lower(state, data))
+                                 else jitted(for_flop_count=True).lower(state, data))
   return compiled, state, data, nn.param_count(params), compile_s, flops
 
 

@@ -194,16 +194,14 @@ def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> C
   batch_sh = {k: v.sharding for k, v in batch.items()}
   flat_grad_mesh = step_lib.flat_grad_mesh_for(mesh, init.state_shardings.params)
   step_kw = dict(loss_cfg=loss_cfg, lr_fn=lr, micro_batches=micro_batches,
-                 batch_sharding=functools.partial(mesh_lib.batch_sharding, mesh))
+                 batch_sharding=functools.partial(mesh_lib.batch_sharding, mesh),
+                 flat_grad_mesh=flat_grad_mesh)
   jit_kw = dict(in_shardings=(init.state_shardings, batch_sh),
                 out_shardings=(init.state_shardings, replicated))
 
-  def jitted(no_remat=False, to_count=False, **kw):
-    """to_count: the step whose lowering counts the FLOPs of the whole batch (see below)."""
+  def jitted(no_remat=False, for_flop_count=False, **kw):
     fn = step_lib.make_train_step(init.graphdef, init.rest, tx, no_remat=no_remat,
-                                  flat_grad_mesh=None if to_count else flat_grad_mesh,
-                                  unroll_micro_batches=True if to_count else None,
-                                  **step_kw)
+                                  for_flop_count=for_flop_count, **step_kw)
     return jax.jit(lambda s, b: fn(s, b, step_lib.step_key(s.rng, s.step)), **jit_kw, **kw)
 
   t0 = time.perf_counter()
@@ -215,17 +213,16 @@ def _compile_step(init, tx, lr, loss_cfg, micro_batches, mesh, first_batch) -> C
     # Processes compile at different speeds (only process 0 writes the compilation cache);
     # meet here so that the first step's collectives do not hit gloo's 30 s connect limit.
     hosts.sync_global_devices("train_step_compiled")
-  # FLOPs are counted on the whole batch's program with its micro-batches unrolled: a
-  # shard_map's body (the flat gradient sum) is written per device, and XLA's cost
-  # analysis counts a loop's body once.
+  # XLA's count of the run's step can be one device's (the flat sum's shard_map) or one
+  # micro-batch's (their loop): then count the whole batch's on `for_flop_count`'s step.
   if flat_grad_mesh is not None or micro_batches > 1:
     with jax.set_mesh(mesh):
-      lowered = jitted(to_count=True).lower(init.state, batch)
+      lowered = jitted(for_flop_count=True).lower(init.state, batch)
   hardware = model = metrics_lib.cost_flops(lowered)
   remat = any(getattr(m, "remat", False) for _, m in nnx.iter_modules(init.model))
   if remat:  # model FLOPs = the same step without recomputation
     with jax.set_mesh(mesh):
-      model = metrics_lib.cost_flops(jitted(no_remat=True, to_count=True).lower(
+      model = metrics_lib.cost_flops(jitted(no_remat=True, for_flop_count=True).lower(
           init.state, batch))
   log.info("compiled the train step in %.1fs; %.3g model FLOPs/step", compile_s,
            model or float("nan"))

@@ -120,10 +120,11 @@ def plan_training(mesh, *, batch_size: int | None = None, batch_source: str = "-
   replicated = NamedSharding(mesh, P())
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
-  def lower(no_remat: bool, unroll: bool):
+  def lower(no_remat: bool, for_flop_count: bool):
     step_fn = step_lib.make_train_step(
         graphdef, rest, tx, loss_cfg=step_lib.LossConfig(), lr_fn=lr_fn,
-        micro_batches=micro, no_remat=no_remat, unroll_micro_batches=unroll,
+        micro_batches=micro, no_remat=no_remat, unroll_micro_batches=False,
+        for_flop_count=for_flop_count,
         batch_sharding=lambda ndim: mesh_lib.batch_sharding(mesh, ndim))
     jitted = jax.jit(step_fn, in_shardings=(state_shard, batch_shard, replicated),
                      out_shardings=(state_shard, replicated), donate_argnums=0)
@@ -131,11 +132,13 @@ def plan_training(mesh, *, batch_size: int | None = None, batch_source: str = "-
       return jitted.lower(state_shapes, batch, rng)
 
   # The memory estimate compiles the step an accelerator runs (micro-batches in a loop);
-  # FLOPs are counted with them unrolled, since XLA's cost analysis counts a loop's body once.
-  lowered = lower(no_remat=False, unroll=False)
-  step_flops = _lowered_flops(lower(no_remat=False, unroll=True) if micro > 1 else lowered)
+  # its FLOPs would be one micro-batch's, so they are counted on `for_flop_count`'s step.
+  lowered = lower(no_remat=False, for_flop_count=False)
+  step_flops = _lowered_flops(lower(no_remat=False, for_flop_count=True) if micro > 1
+                              else lowered)
   remat = any(getattr(m, "remat", False) for _, m in nnx.iter_modules(abstract))
-  model_flops = _lowered_flops(lower(no_remat=True, unroll=True)) if remat else step_flops
+  model_flops = (_lowered_flops(lower(no_remat=True, for_flop_count=True)) if remat
+                 else step_flops)
 
   param_bytes = bytes_per_device(state_shapes.params, state_shard.params)
   result = {

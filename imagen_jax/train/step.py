@@ -234,14 +234,13 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
                     ema_decay_fn: Callable = optim.ema_decay, micro_batches: int = 1,
                     batch_sharding: Callable[[int], NamedSharding] | None = None,
                     flat_grad_mesh: Mesh | None = None, no_remat: bool = False,
-                    unroll_micro_batches: bool | None = None):
+                    unroll_micro_batches: bool | None = None, for_flop_count: bool = False):
   """Returns train_step(state, batch, rng) -> (state, metrics); jit it (see loop.py).
 
   micro_batches > 1 accumulates gradients over a lax.scan: micro-batch m holds the examples
   whose global index i has i % micro_batches == m, so each device keeps its own rows (no
   communication), and the optimizer makes one exact update per step on the whole batch.
   `unroll_micro_batches` unrolls the scan (None: on CPU only; `_unrolls_micro_batches`).
-  Count FLOPs on an unrolled step: XLA's cost analysis counts a loop's body once.
   `batch_sharding(ndim)` constrains each micro-batch to the batch sharding.
   Dropout masks (models with dropout) use fold_in(step key, micro-batch), so unlike the
   per-example draws they change with micro_batches.
@@ -249,11 +248,17 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
   own rows (`shard_map` over the mesh's batch axes), and the shards' gradients are summed
   in one all-reduce of one flat vector instead of XLA's all-reduce per parameter.
   `no_remat` builds the step without rematerialisation (to count model FLOPs for MFU).
+  `for_flop_count` builds the same step for XLA's cost analysis only (lower it, never run
+  it): micro-batches unrolled, since the analysis counts a loop's body once, and no
+  `flat_grad_mesh`, since a shard_map's body is one device's program. Its count is then
+  the whole batch's.
   A non-finite loss or gradient norm skips the update: that step changes no parameter,
   optimizer moment or EMA (the step counter still advances, so the next step sees the
   next batch), and its metric `nonfinite` is 1. The loop counts consecutive skips.
   """
   loss_cfg.validate()
+  if for_flop_count:
+    flat_grad_mesh, unroll_micro_batches = None, True
   unroll = _unrolls_micro_batches(unroll_micro_batches)
 
   def grads_of(params, batch, keys, dropout_key):

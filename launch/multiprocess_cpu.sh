@@ -10,10 +10,10 @@
 #
 # Process i runs `COMMAND ARGS... --coordinator_address=localhost:PORT --process_count=N
 # --process_index=i` with JAX_PLATFORMS=cpu and XLA_FLAGS asking for D simulated devices
-# (other XLA_FLAGS are kept), and without JAX's persistent compilation cache unless
-# JAX_ENABLE_COMPILATION_CACHE is set (see below). Its output lines, stdout and stderr
-# alike, come out whole on our stdout, prefixed with "[i] " (each stream in its order; a
-# stdout line and a stderr line written close together may swap). PORT defaults to a free
+# (other XLA_FLAGS are kept), without PYTHONUNBUFFERED, and without JAX's persistent
+# compilation cache unless JAX_ENABLE_COMPILATION_CACHE is set (see below). Its output
+# lines, stdout and stderr alike, come out whole on our stdout, prefixed with "[i] " (each
+# stream in its order; a stdout line and a stderr line written close together may swap). PORT defaults to a free
 # port outside the ephemeral range. Each process runs in its own process group.
 #
 # Exit status: 0 when every process exits 0. As soon as one fails, the others are stopped
@@ -143,7 +143,10 @@ for ((i = 0; i < num; i++)); do
     # the others compile it for many, and gloo's CPU collectives give up after 30 s of
     # waiting for a peer. Compiling in every process keeps them in step.
     export JAX_ENABLE_COMPILATION_CACHE="${JAX_ENABLE_COMPILATION_CACHE:-false}"
-    unset JAX_NUM_CPU_DEVICES JAX_COORDINATOR_ADDRESS
+    # PYTHONUNBUFFERED (set by many CI runners) makes Python write a printed line and its
+    # newline in two writes, and unbuffers C's stdout too, so a native library printing on
+    # stdout (Gloo's "Rank 0 is connected") can land inside a line of ours.
+    unset JAX_NUM_CPU_DEVICES JAX_COORDINATOR_ADDRESS PYTHONUNBUFFERED
     # setsid: a process group of its own (we are not a group leader, so no fork), which
     # stop_all can signal as a whole, children included.
     exec setsid "${cmd[@]}" "--coordinator_address=localhost:$port" \

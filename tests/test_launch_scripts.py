@@ -45,6 +45,10 @@ PROGRAM = textwrap.dedent("""\
       sys.stdout.write("half"); sys.stdout.flush(); time.sleep(0.2)
       sys.stderr.write("a log line\\n"); sys.stderr.flush(); time.sleep(0.2)
       print(" and the rest", flush=True)
+    if behaviour == "native_mid_line":  # a native library (Gloo) prints in pieces on stdout
+      import ctypes
+      libc = ctypes.CDLL(None)
+      libc.printf(b"[Gloo] Rank "); print("a report", flush=True); libc.printf(b"0 is up\\n")
     child.kill()
     """)
 
@@ -96,6 +100,16 @@ def test_multiprocess_keeps_stdout_lines_whole_when_stderr_logs(tmp_path):
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert "[0] half and the rest" in lines and "[0] a log line" in lines, result.stdout
+
+
+def test_multiprocess_keeps_lines_whole_under_pythonunbuffered(tmp_path, monkeypatch):
+  # Unbuffered, Python writes a line and its newline apart and C's stdout goes out piece
+  # by piece, so the two would mix within one line.
+  monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+  result, _ = run_multiprocess(tmp_path, "2", behaviour={0: "native_mid_line"})
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert "[0] a report" in lines and "[0] [Gloo] Rank 0 is up" in lines, result.stdout
 
 
 def test_multiprocess_stops_all_when_one_fails(tmp_path):

@@ -13,8 +13,9 @@
 # (other XLA_FLAGS are kept), without PYTHONUNBUFFERED, and without JAX's persistent
 # compilation cache unless JAX_ENABLE_COMPILATION_CACHE is set (see below). Its output
 # lines, stdout and stderr alike, come out whole on our stdout, prefixed with "[i] " (each
-# stream in its order; a stdout line and a stderr line written close together may swap). PORT defaults to a free
-# port outside the ephemeral range. Each process runs in its own process group.
+# stream in its order; a stdout line and a stderr line written close together may swap).
+# PORT defaults to a free port outside the ephemeral range. Each process runs in its own
+# process group.
 #
 # Exit status: 0 when every process exits 0. As soon as one fails, the others are stopped
 # (SIGTERM to their process groups, SIGKILL after --grace seconds, default 2), one line

@@ -94,11 +94,16 @@ stop_all() {
 }
 
 cleanup() {
+  local status=$?
   stop_all
   [ -n "$timer" ] && kill "$timer" 2>/dev/null
   # Let the line printers flush what the processes wrote last.
   for pid in "${pids[@]}" "${printers[@]}"; do wait "$pid"; done
-  [ -n "$final_message" ] && echo "$me: $final_message" >&3
+  if [ -n "$final_message" ]; then
+    echo "$me: $final_message" >&3
+  elif [ "$status" -ne 0 ]; then  # an error in this script: never fail without a word
+    echo "$me: failed with status $status: $(tail -n 1 "$workdir/bash.err" 2>/dev/null)" >&3
+  fi
   rm -rf "$workdir"
 }
 trap cleanup EXIT
@@ -159,9 +164,9 @@ for ((i = 0; i < num; i++)); do
 done
 
 # From here on bash's own job reports ("line 73: 1234 Aborted ( ... )" when a process
-# dies from a signal) would only repeat our one line, so stderr is quiet and our
-# messages go to fd 3.
-exec 2>/dev/null
+# dies from a signal) would only repeat our one line, so they go to a file (cleanup
+# shows its last line if this script itself fails) and our messages go to fd 3.
+exec 2>"$workdir/bash.err"
 
 if [ "$timeout" -gt 0 ]; then
   sleep "$timeout" &
@@ -179,7 +184,8 @@ while [ "$running" -gt 0 ]; do
     final_message="timed out after ${timeout}s; stopped all $num processes"
     exit 124
   fi
-  i="${index_of[$done_pid]}"
+  i="${index_of[$done_pid]-}"
+  [ -n "$i" ] || continue  # not one of our processes
   unset "waiting[$done_pid]"
   running=$((running - 1))
   if [ "$rc" -ne 0 ]; then

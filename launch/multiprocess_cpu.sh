@@ -112,7 +112,7 @@ on_signal() {
   local sig="$1" pid
   signals=$((signals + 1))
   if [ "$signals" -ge 2 ]; then
-    echo "$me: second $sig: killing all $num processes" >&3
+    final_message="second $sig: killed all $num processes"
     for pid in "${!waiting[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
     exit 130
   fi
@@ -173,24 +173,30 @@ if [ "$timeout" -gt 0 ]; then
   timer=$!
 fi
 
+# Each pass collects every process that has ended; `wait -n` only wakes us when a job
+# ends (a process, a line printer, the timer) or a signal arrives. It cannot be trusted
+# to name the process: bash may drop a finished job from its table between two waits
+# (at once when a signal killed it), and `wait -n` never names a job it has dropped. But
+# `wait PID` keeps the exit status of every child we started.
 running=$num
-while [ "$running" -gt 0 ]; do
-  done_pid=""
-  wait -n -p done_pid "${!waiting[@]}" ${timer:+"$timer"}
-  rc=$?
-  [ -z "$done_pid" ] && continue  # a trapped signal interrupted the wait
-  if [ "$done_pid" = "$timer" ]; then
+while :; do
+  for pid in "${!waiting[@]}"; do
+    kill -0 "$pid" 2>/dev/null && continue  # still running (or not yet reaped)
+    wait "$pid"
+    rc=$?
+    unset "waiting[$pid]"
+    running=$((running - 1))
+    if [ "$rc" -ne 0 ]; then
+      final_message="process ${index_of[$pid]} (pid $pid) $(describe "$rc"); stopped the other $running process(es)"
+      exit "$rc"
+    fi
+  done
+  [ "$running" -eq 0 ] && exit 0
+  if [ -n "$timer" ] && ! kill -0 "$timer" 2>/dev/null; then
     timer=""
     final_message="timed out after ${timeout}s; stopped all $num processes"
     exit 124
   fi
-  i="${index_of[$done_pid]-}"
-  [ -n "$i" ] || continue  # not one of our processes
-  unset "waiting[$done_pid]"
-  running=$((running - 1))
-  if [ "$rc" -ne 0 ]; then
-    final_message="process $i (pid $done_pid) $(describe "$rc"); stopped the other $running process(es)"
-    exit "$rc"
-  fi
+  wait -n
+  [ $? -eq 127 ] && sleep 0.1  # no job left to wait for (all reaped): do not spin
 done
-exit 0

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -136,6 +137,45 @@ def test_multiprocess_timeout(tmp_path):
   assert elapsed < 40  # not the 60 s the processes would sleep
   for i in range(2):
     assert not alive(int((tmp_path / f"pids.{i}").read_text().split()[0]))
+
+
+def signal_multiprocess(tmp_path, behaviour, signals):
+  """Starts 2 processes, sends the launcher SIGTERM `signals` times, 1 s apart."""
+  program = tmp_path / "program.py"
+  program.write_text(PROGRAM)
+  env = {**os.environ, "BEHAVIOUR_0": behaviour, "BEHAVIOUR_1": behaviour}
+  launcher = subprocess.Popen([str(MULTIPROCESS), "2", "--", sys.executable, str(program),
+                               str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+  for i in range(2):  # both started
+    while not (tmp_path / f"pids.{i}").exists():
+      time.sleep(0.1)
+  for n in range(signals):
+    time.sleep(n)
+    launcher.send_signal(signal.SIGTERM)
+  stdout, stderr = launcher.communicate(timeout=30)
+  for i in range(2):
+    assert not alive(int((tmp_path / f"pids.{i}").read_text().split()[0]))
+  return launcher.returncode, stdout.splitlines(), stderr.splitlines()
+
+
+def test_multiprocess_forwards_a_signal_and_reports_how_the_processes_ended(tmp_path):
+  # The trapped signal interrupts `wait -n`, which then names no process: the launcher
+  # must keep waiting for them, not fail.
+  rc, _, stderr = signal_multiprocess(tmp_path, "sleep", signals=1)
+  assert rc == 128 + signal.SIGTERM
+  assert stderr[0] == "multiprocess_cpu.sh: TERM received: forwarding it to all 2 processes"
+  assert len(stderr) == 2 and stderr[1].startswith("multiprocess_cpu.sh: process ")
+  assert stderr[1].endswith(" was killed by signal 15 (SIGTERM); stopped the other 1 "
+                            "process(es)"), stderr
+
+
+def test_multiprocess_second_signal_kills_all_with_one_line(tmp_path):
+  rc, stdout, stderr = signal_multiprocess(tmp_path, "stubborn", signals=2)
+  assert rc == 130
+  assert stderr == ["multiprocess_cpu.sh: TERM received: forwarding it to all 2 processes",
+                    "multiprocess_cpu.sh: second TERM: killed all 2 processes"], stderr
+  assert "[0] SIGTERM ignored" in stdout
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -26,6 +26,9 @@ PROGRAM = textwrap.dedent("""\
     import json, os, signal, subprocess, sys, time
     index = int([a for a in sys.argv if a.startswith("--process_index=")][0].split("=")[1])
     out = sys.argv[1]
+    behaviour = os.environ.get(f"BEHAVIOUR_{index}", "ok")
+    if behaviour == "stubborn":  # like JAX, which catches SIGTERM as a preemption notice
+      signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM ignored", flush=True))
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     with open(os.path.join(out, f"pids.{index}"), "w") as f:
       f.write(f"{os.getpid()} {child.pid}")
@@ -33,14 +36,10 @@ PROGRAM = textwrap.dedent("""\
                       "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS"),
                       "cache": os.environ.get("JAX_ENABLE_COMPILATION_CACHE")}), flush=True)
     print("second line", flush=True)
-    behaviour = os.environ.get(f"BEHAVIOUR_{index}", "ok")
     if behaviour.startswith("exit"):
       time.sleep(0.5)
       sys.exit(int(behaviour[4:]))
-    if behaviour == "stubborn":  # like JAX, which catches SIGTERM as a preemption notice
-      signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM ignored", flush=True))
-      time.sleep(60)
-    if behaviour == "sleep":
+    if behaviour in ("stubborn", "sleep"):
       time.sleep(60)
     if behaviour == "log_mid_line":  # a library logs on stderr while a line is half printed
       sys.stdout.write("half"); sys.stdout.flush(); time.sleep(0.2)

@@ -178,20 +178,18 @@ fi
 # to name the process: bash may drop a finished job from its table between two waits
 # (at once when a signal killed it), and `wait -n` never names a job it has dropped. But
 # `wait PID` keeps the exit status of every child we started.
-running=$num
 while :; do
   for pid in "${!waiting[@]}"; do
     kill -0 "$pid" 2>/dev/null && continue  # still running (or not yet reaped)
     wait "$pid"
     rc=$?
     unset "waiting[$pid]"
-    running=$((running - 1))
     if [ "$rc" -ne 0 ]; then
-      final_message="process ${index_of[$pid]} (pid $pid) $(describe "$rc"); stopped the other $running process(es)"
+      final_message="process ${index_of[$pid]} (pid $pid) $(describe "$rc"); stopped the other ${#waiting[@]} process(es)"
       exit "$rc"
     fi
   done
-  [ "$running" -eq 0 ] && exit 0
+  [ "${#waiting[@]}" -eq 0 ] && exit 0
   if [ -n "$timer" ] && ! kill -0 "$timer" 2>/dev/null; then
     timer=""
     final_message="timed out after ${timeout}s; stopped all $num processes"

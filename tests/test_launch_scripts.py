@@ -66,16 +66,20 @@ def alive(pid: int) -> bool:
     return False
 
 
-def run_multiprocess(tmp_path, *options, behaviour=None, timeout=30):
+def multiprocess_command(tmp_path, options, behaviour):
+  """The launcher's argv and environment for PROGRAM, written to tmp_path."""
   program = tmp_path / "program.py"
   program.write_text(PROGRAM)
   env = {**os.environ, "XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}
   env.pop("JAX_ENABLE_COMPILATION_CACHE", None)
   env.update({f"BEHAVIOUR_{i}": b for i, b in (behaviour or {}).items()})
+  return [str(MULTIPROCESS), *options, "--", sys.executable, str(program), str(tmp_path)], env
+
+
+def run_multiprocess(tmp_path, *options, behaviour=None, timeout=30):
+  argv, env = multiprocess_command(tmp_path, options, behaviour)
   start = time.monotonic()
-  result = subprocess.run(
-      [str(MULTIPROCESS), *options, "--", sys.executable, str(program), str(tmp_path)],
-      capture_output=True, text=True, env=env, timeout=timeout)
+  result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
   return result, time.monotonic() - start
 
 
@@ -140,12 +144,9 @@ def test_multiprocess_timeout(tmp_path):
 
 def signal_multiprocess(tmp_path, behaviour, signals):
   """Starts 2 processes, sends the launcher SIGTERM `signals` times, 1 s apart."""
-  program = tmp_path / "program.py"
-  program.write_text(PROGRAM)
-  env = {**os.environ, "BEHAVIOUR_0": behaviour, "BEHAVIOUR_1": behaviour}
-  launcher = subprocess.Popen([str(MULTIPROCESS), "2", "--", sys.executable, str(program),
-                               str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
+  argv, env = multiprocess_command(tmp_path, ["2"], {0: behaviour, 1: behaviour})
+  launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
   for i in range(2):  # both started
     while not (tmp_path / f"pids.{i}").exists():
       time.sleep(0.1)
